@@ -1,0 +1,134 @@
+"""Config checks, signatures and run dirs: everything decided from a composed config before any work starts.
+
+A run's signature is a hash of the parts of its resolved config that change its result. Its run dir is derived
+from it, so re-running a sweep finds every member's state (finished -> skip, checkpoint -> resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+STAGES = ("tokenizer", "ar")
+# Keys that never change a run's result (cadence, parallelism, data loading speed).
+_CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers")
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the setting and what would fix it."""
+
+
+def _pow2(k) -> int:
+    return 2 ** int(k)
+
+
+if not OmegaConf.has_resolver("eval_pow2"):
+    OmegaConf.register_new_resolver("eval_pow2", _pow2)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first bad setting; cheap, so it runs for every sweep member before launch."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r} is not one of {list(STAGES)}: use stage=ar or stage=tokenizer")
+    K = cfg.tokenizer.bits
+    if not isinstance(K, int) or K < 1:
+        raise ConfigError(f"tokenizer.bits={K!r} must be a positive integer (18 for 2^18 codes)")
+    res, down = cfg.tokenizer.resolution, 2 ** (len(cfg.tokenizer.ch_mult) - 1)
+    if res % down:
+        raise ConfigError(
+            f"tokenizer.resolution={res} is not divisible by the tokenizer's downsampling {down} "
+            f"(2^(len(tokenizer.ch_mult)-1)): pick a multiple of {down}")
+    if cfg.stage == "ar":
+        bits = list(cfg.factorization.bits)
+        if any((not isinstance(k, int)) or k < 1 for k in bits):
+            raise ConfigError(f"factorization.bits={bits} must be positive integers (e.g. factorization=k6_12)")
+        if sum(bits) != K:
+            raise ConfigError(
+                f"factorization={cfg.factorization.name} (bits {bits}, sum {sum(bits)}) does not match "
+                f"tokenizer={cfg.tokenizer.name} (tokenizer.bits={K}): the sub-token bits must add up to the "
+                f"tokenizer's K; pick a factorization whose bits sum to {K}")
+        if cfg.model.dim % cfg.model.n_heads or (cfg.model.dim // cfg.model.n_heads) % 4:
+            raise ConfigError(
+                f"model.dim={cfg.model.dim} / model.n_heads={cfg.model.n_heads} must give a head dim divisible "
+                f"by 4 (2D RoPE rotates half the head dim by rows, half by columns)")
+    if cfg.data.name == "imagefolder":
+        p = cfg.data.path
+        if p is None:
+            raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
+        if not Path(p).is_dir():
+            raise ConfigError(f"data.path={p} does not exist or is not a folder: point it at an image folder "
+                              f"(ImageNet layout: <path>/train/<class>/*.JPEG)")
+    for stage in STAGES:
+        t = cfg.trainer[stage]
+        if t.batch_size < 1 or t.grad_accum < 1 or t.steps < 1:
+            raise ConfigError(f"trainer.{stage}: steps, batch_size and grad_accum must be >= 1")
+        if t.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"trainer.{stage}.precision={t.precision!r}: use no, bf16 or fp16")
+
+
+def _strip(d: dict) -> dict:
+    return {k: (_strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in _CADENCE_KEYS}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def data_identity(cfg: DictConfig) -> dict:
+    d = _strip(to_dict(cfg.data))
+    d.pop("hflip_tokens", None)
+    return d
+
+
+def tokenizer_signature(cfg: DictConfig) -> str:
+    """What determines a trained tokenizer: architecture, quantizer, losses, data, schedule, seed."""
+    tok = to_dict(cfg.tokenizer)
+    tok.pop("checkpoint", None)
+    return _hash({"tokenizer": tok, "quantizer": to_dict(cfg.quantizer), "data": data_identity(cfg),
+                  "trainer": _strip(to_dict(cfg.trainer.tokenizer)), "seed": cfg.seed})
+
+
+def tokenizer_source(cfg: DictConfig) -> str:
+    """Identity of the tokenizer an AR run uses: its signature (auto) or the explicit checkpoint reference."""
+    ck = cfg.tokenizer.checkpoint
+    return f"sig:{tokenizer_signature(cfg)}" if ck in (None, "auto") else f"ckpt:{ck}"
+
+
+def ar_signature(cfg: DictConfig) -> str:
+    return _hash({"tokenizer": tokenizer_source(cfg), "factorization": list(cfg.factorization.bits),
+                  "model": to_dict(cfg.model), "data": data_identity(cfg),
+                  "hflip_tokens": cfg.data.get("hflip_tokens", False),
+                  "trainer": _strip(to_dict(cfg.trainer.ar)), "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
+
+
+def signature(cfg: DictConfig) -> str:
+    return tokenizer_signature(cfg) if cfg.stage == "tokenizer" else ar_signature(cfg)
+
+
+def run_dir(cfg: DictConfig, stage: str | None = None) -> Path:
+    stage = stage or cfg.stage
+    sig = tokenizer_signature(cfg) if stage == "tokenizer" else ar_signature(cfg)
+    return Path(cfg.paths.runs) / stage / sig
+
+
+def member_name(cfg: DictConfig) -> str:
+    """A short human name for a run: the group choices that usually differ in ablations."""
+    if cfg.stage == "tokenizer":
+        return f"{cfg.tokenizer.name}-{_quantizer_name(cfg)}"
+    return f"{cfg.factorization.name}-{cfg.model.name}"
+
+
+def _quantizer_name(cfg: DictConfig) -> str:
+    return str(cfg.quantizer._target_).rsplit(".", 1)[-1].lower()
+
+
+def choices(cfg: DictConfig) -> dict:
+    """The config-group choices ablations compare, as the analysis reads them (choice.* params)."""
+    return {"tokenizer": cfg.tokenizer.name, "quantizer": _quantizer_name(cfg), "factorization": cfg.factorization.name,
+            "model": cfg.model.name, "data": cfg.data.name}

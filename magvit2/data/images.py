@@ -1,0 +1,130 @@
+"""Image data: the embedded photos (scikit-image) and image folders (ImageNet layout). Pixels in [-1, 1].
+
+Every sample is a pure function of (seed, index), so a resumed run sees exactly the data it would have seen.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
+
+from magvit2.config import ConfigError
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return TF.to_tensor(img.convert("RGB")) * 2.0 - 1.0
+
+
+def resize_short(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    s = size / min(w, h)
+    return img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+
+
+def load_photo(name: str) -> Image.Image:
+    import skimage.data
+    fn = getattr(skimage.data, name, None)
+    if fn is None:
+        raise ConfigError(f"data.photos: {name!r} is not an image shipped with scikit-image (skimage.data.{name})")
+    arr = np.asarray(fn())
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, -1)
+    return Image.fromarray(arr[..., :3].astype(np.uint8))
+
+
+class PhotoCrops(Dataset):
+    """Crops of scikit-image's photos. Class = photo. Train crops: random, from the top 3/4 of each photo; val
+    crops: a fixed grid along the bottom 1/4, so the two splits share no pixels."""
+
+    def __init__(self, photos, resolution: int, scale: int, size: int, split: str, seed: int = 0):
+        if scale < resolution * 4:
+            raise ConfigError(f"data.scale={scale} is too small for {resolution}px crops and a held-out bottom "
+                             f"quarter: use data.scale >= {resolution * 4}")
+        self.images = [resize_short(load_photo(p), scale) for p in photos]
+        self.res, self.size, self.split, self.seed = resolution, size, split, seed
+        self.num_classes = len(self.images)
+
+    def __len__(self):
+        return self.size
+
+    def _box(self, img: Image.Image, i: int):
+        w, h = img.size
+        top_h = (h * 3) // 4
+        if self.split == "train":
+            rng = random.Random(self.seed * 1_000_003 + i)
+            return rng.randint(0, w - self.res), rng.randint(0, top_h - self.res)
+        per = self.size // self.num_classes + 1
+        j = i // self.num_classes
+        x = round(j * (w - self.res) / max(per - 1, 1))
+        return x, top_h + (j % 2) * (h - self.res - top_h)
+
+    def __getitem__(self, i: int):
+        c = i % self.num_classes
+        img = self.images[c]
+        x, y = self._box(img, i)
+        return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
+
+
+def _scan(folder: Path):
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    items = []
+    for ci, c in enumerate(classes):
+        items += [(str(p), ci) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMG_EXT]
+    return classes, items
+
+
+class ImageFolder(Dataset):
+    """<path>/train|val/<class>/*; without val/, a deterministic split of <path>/<class>/* by file order."""
+
+    def __init__(self, path: str, resolution: int, split: str, val_fraction: float = 0.02, val_size=None,
+                 seed: int = 0):
+        root = Path(path)
+        if not root.is_dir():
+            raise ConfigError(f"data.path={path} does not exist or is not a folder: point it at an image folder "
+                             f"(ImageNet layout: <path>/train/<class>/*.JPEG)")
+        has_split = (root / "train").is_dir()
+        folder = root / split if has_split and (root / split).is_dir() else (root / "train" if has_split else root)
+        classes, items = _scan(folder)
+        if not has_split or not (root / "val").is_dir() and split == "val":
+            k = max(1, int(round(1 / max(val_fraction, 1e-9))))
+            items = [it for j, it in enumerate(items) if (j % k == 0) == (split == "val")]
+        if not items:
+            raise ConfigError(f"data.path={path}: no images found for the {split} split under {folder} (expected "
+                             f"<class>/ subfolders holding {', '.join(IMG_EXT)} files)")
+        if split == "val" and val_size:
+            items = items[:: max(1, len(items) // int(val_size))][: int(val_size)]
+        self.items, self.classes, self.res, self.split, self.seed = items, classes, resolution, split, seed
+        self.num_classes = len(classes)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        p, c = self.items[i]
+        img = resize_short(Image.open(p).convert("RGB"), self.res)
+        w, h = img.size
+        if self.split == "train":
+            rng = random.Random(self.seed * 1_000_003 + i)
+            x, y = rng.randint(0, w - self.res), rng.randint(0, h - self.res)
+        else:
+            x, y = (w - self.res) // 2, (h - self.res) // 2
+        return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
+
+
+def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
+    if data_cfg.name == "photos":
+        size = data_cfg.train_size if split == "train" else data_cfg.val_size
+        return PhotoCrops(list(data_cfg.photos), data_cfg.resolution, data_cfg.scale, size, split, seed)
+    if data_cfg.name == "imagefolder":
+        if data_cfg.path is None:
+            raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
+        return ImageFolder(data_cfg.path, data_cfg.resolution, split, data_cfg.val_fraction,
+                           data_cfg.get("val_size"), seed)
+    raise ConfigError(f"data={data_cfg.name}: unknown data set; use data=photos or data=imagefolder")

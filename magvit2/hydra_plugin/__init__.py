@@ -1,0 +1,23 @@
+"""Installed as `hydra_plugins.magvit2` (see pyproject.toml): Hydra only instantiates sweepers and launchers that
+live in the hydra_plugins namespace, so the real classes are re-declared here; the code is in magvit2.launch."""
+from magvit2.launch import launchers as _l
+from magvit2.launch import sweeper as _s
+
+
+class Magvit2Sweeper(_s.Magvit2Sweeper):
+    pass
+
+
+class SlurmLauncher(_l.SlurmLauncher):
+    pass
+
+
+class LocalLauncher(_l.LocalLauncher):
+    pass
+
+
+def register() -> None:
+    """Editable installs hide mapped packages from Hydra's plugin scan: register the classes explicitly."""
+    from hydra.core.plugins import Plugins
+    for cls in (Magvit2Sweeper, SlurmLauncher, LocalLauncher):
+        Plugins.instance().register(cls)

@@ -1,0 +1,117 @@
+"""Run and sweep state on disk: what a status table, a dedup check or a resumed job reads.
+
+run_dir/status.json   {state: new|running|finished|failed|preempted, step, metrics, slurm_job_id, host, updated}
+run_dir/checkpoint.pt the latest atomic checkpoint (resume point)
+sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from magvit2 import config as C
+
+STATUS = "status.json"
+CKPT = "checkpoint.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def read_status(run_dir: Path) -> dict:
+    st = read_json(Path(run_dir) / STATUS, None)
+    if st is None:
+        st = {"state": "partial" if (Path(run_dir) / CKPT).exists() else "new", "step": 0, "metrics": {}}
+    return st
+
+
+def write_status(run_dir: Path, **fields) -> dict:
+    st = read_status(run_dir)
+    st.update(fields, host=socket.gethostname(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if os.environ.get("SLURM_JOB_ID"):
+        st["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"]) + (
+            f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if os.environ.get("SLURM_ARRAY_TASK_ID") else "")
+    atomic_write_text(Path(run_dir) / STATUS, json.dumps(st, indent=1, default=str))
+    return st
+
+
+def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
+    rd = C.run_dir(cfg)
+    st = read_status(rd)
+    return {"member": C.member_name(cfg), "overrides": [o for o in overrides if not o.startswith("sweep.")],
+            "stage": cfg.stage, "signature": C.signature(cfg), "run_dir": str(rd), "state": st["state"],
+            "step": st.get("step", 0), "steps": int(cfg.trainer[cfg.stage].steps), "metrics": st.get("metrics", {}),
+            "slurm_job_id": st.get("slurm_job_id")}
+
+
+def write_sweep(sweep_dir: Path, sid: str, arguments: list[str], rows: list[dict], parent_run: str,
+                hydra_dir: str) -> None:
+    old = read_json(Path(sweep_dir) / "sweep.json", {}) or {}
+    doc = {"id": sid, "arguments": arguments, "parent_run_id": parent_run, "hydra_dirs":
+           sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}), "jobs": old.get("jobs", {}),
+           "members": [{k: r[k] for k in ("member", "overrides", "stage", "signature", "run_dir")} for r in rows]}
+    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
+
+
+def record_launch(sweep_dir: Path, returns) -> None:
+    """Remember which SLURM job ran each member (the submitit launcher sets hydra.job.id)."""
+    doc = read_json(Path(sweep_dir) / "sweep.json", None)
+    if doc is None:
+        return
+    for r in returns or []:
+        try:
+            job_id = str(r.hydra_cfg.hydra.job.id)
+            rd = r.return_value.get("run_dir") if isinstance(r.return_value, dict) else None
+        except Exception:
+            continue
+        if rd:
+            doc["jobs"][rd] = job_id
+    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
+
+
+def refresh(sweep_dir: Path) -> list[dict]:
+    doc = read_json(Path(sweep_dir) / "sweep.json", None)
+    if doc is None:
+        raise FileNotFoundError(f"no sweep recorded at {sweep_dir}")
+    rows = []
+    for m in doc["members"]:
+        st = read_status(Path(m["run_dir"]))
+        rows.append({**m, "state": st["state"], "step": st.get("step", 0), "metrics": st.get("metrics", {}),
+                     "slurm_job_id": st.get("slurm_job_id") or doc.get("jobs", {}).get(m["run_dir"])})
+    return rows
+
+
+def _short(metrics: dict, n: int = 4) -> str:
+    keys = [k for k in metrics if k.startswith(("eval/", "val/loss"))][:n] or list(metrics)[:n]
+    return " ".join(f"{k.split('/', 1)[-1]}={metrics[k]:.4g}" for k in keys
+                    if isinstance(metrics[k], (int, float)))
+
+
+def format_members(rows: list[dict], title: str = "") -> str:
+    from tabulate import tabulate
+    table = [[i, r["member"], r["state"], f"{r.get('step', 0)}/{r.get('steps', '?')}" if "steps" in r else
+              r.get("step", 0), _short(r.get("metrics", {})), r.get("slurm_job_id") or "", r["run_dir"]]
+             for i, r in enumerate(rows)]
+    out = tabulate(table, headers=["#", "member", "state", "step", "last metrics", "slurm job", "run dir"])
+    return f"{title}\n{out}" if title else out

@@ -1,0 +1,129 @@
+"""The magvit2 Hydra sweeper: Hydra's basic sweeper plus what ablation sweeps need.
+
+Before anything is launched it composes and validates every member (one bad member stops the sweep with a message
+naming it), derives each member's signature and run dir, and skips members that already finished, so re-running
+a sweep trains only what is missing. It records the sweep (members.json under paths.root/sweeps/<id>) and opens one
+MLflow parent run; every member gets `sweep.id` / `sweep.parent_run_id` appended to its overrides.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf
+
+from magvit2 import config as C
+from magvit2.launch import state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Magvit2SweeperConf:
+    _target_: str = "hydra_plugins.magvit2.Magvit2Sweeper"
+    max_batch_size: Optional[int] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="magvit2", node=Magvit2SweeperConf)
+
+
+def sweep_id_for(members: List[List[str]]) -> str:
+    """Stable id from the member override lists: the same sweep submitted again gets the same id."""
+    key = json.dumps(sorted(sorted(m) for m in members))
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def _is_member_key(o: str) -> bool:
+    return not o.startswith(("hydra/launcher", "hydra.launcher", "dry_run", "sweep."))
+
+
+class Magvit2Sweeper(Sweeper):
+    # Not a BasicSweeper subclass: Hydra's plugin scan re-executes core plugin modules, which breaks subclasses.
+    def __init__(self, max_batch_size: Optional[int] = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.config = self.launcher = self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        from hydra.core.plugins import Plugins
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+        members = [list(m) for m in batches[0]]
+        loader = self.hydra_context.config_loader
+
+        rows, errors = [], []
+        for i, ov in enumerate(members):
+            try:
+                cfg = loader.load_sweep_config(self.config, ov)
+                HydraConfig.instance().set_config(cfg)  # so ${hydra:...} resolves as it will inside the job
+                C.validate(cfg)
+                rows.append(state.describe_member(cfg, ov))
+            except Exception as e:  # composition errors and ConfigError alike name the member
+                errors.append(f"  member #{i} [{' '.join(ov)}]: {e}")
+        if errors:
+            print("error: the sweep was not started; fix these members:\n" + "\n".join(errors), file=sys.stderr)
+            sys.exit(2)
+
+        sid = self.config.sweep.id or sweep_id_for([[o for o in m if _is_member_key(o)] for m in members])
+        dry = bool(self.config.get("dry_run", False))
+        sweep_dir = Path(self.config.paths.root) / "sweeps" / sid
+        print(state.format_members(rows, title=f"sweep {sid}: {len(rows)} members"
+                                   + (" (dry run: nothing trained)" if dry else "")))
+        if dry:
+            return []
+
+        todo = [(m, r) for m, r in zip(members, rows) if r["state"] != "finished"]
+        done = len(rows) - len(todo)
+        if done:
+            log.info(f"{done} of {len(rows)} members already finished: their stored results stand")
+
+        from magvit2 import tracking  # mlflow import only when something is launched
+        root = str(self.config.paths.root)
+        stage = str(self.config.stage)
+        exp = f"{self.config.tracking.experiment_prefix}-{stage}"
+        os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, self.config.tracking.uri))
+        parent = tracking.ensure_sweep_run(exp, root, sid, stage, " ".join(arguments), len(rows))
+        state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir))
+
+        extra = [f"sweep.id={sid}", f"+sweep.parent_run_id={parent}"]
+        jobs = [m + extra for m, _ in todo]
+        results = []
+        if jobs:
+            n = self.max_batch_size or len(jobs)
+            idx = 0
+            try:
+                for batch in (jobs[i:i + n] for i in range(0, len(jobs), n)):
+                    rets = self.launcher.launch(batch, initial_job_idx=idx)
+                    idx += len(batch)
+                    results.append(rets)
+                    state.record_launch(sweep_dir, rets)
+                failed = [r for b in results for r in b if _failed(r)]
+            except BaseException:
+                tracking.finish_sweep_run(parent, "FAILED")
+                raise
+            tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
+        print(state.format_members(state.refresh(sweep_dir), title=f"sweep {sid}: results"))
+        for b in results:  # surface a member's exception like Hydra's basic sweeper does
+            for r in b:
+                _ = r.return_value
+        return results
+
+
+def _failed(ret) -> bool:
+    from hydra.core.utils import JobStatus
+    return getattr(ret, "status", None) == JobStatus.FAILED

@@ -1,0 +1,195 @@
+"""Stage I: train the MAGVIT-v2 tokenizer with LFQ (or VQ) on accelerate, evaluate with EMA weights.
+
+Per optimizer step: generator step (L1 + LPIPS + quantizer aux + non-saturating GAN), then discriminator step
+(hinge + LeCAM). Two Adam optimizers, lr x0.1 at the configured steps, EMA of the tokenizer's weights.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from magvit2 import metrics as M
+from magvit2.data.images import build_dataset
+from magvit2.data.sampler import GlobalBatchSampler
+from magvit2.models.discriminator import LeCAM, PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from magvit2.models.ema import EMA
+from magvit2.models.tokenizer import Tokenizer
+from magvit2.stages.common import RunContext
+from magvit2.stages.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizer(cfg) -> Tokenizer:
+    t = cfg.tokenizer
+    return Tokenizer(instantiate(cfg.quantizer), ch=t.ch, ch_mult=tuple(t.ch_mult), num_res_blocks=t.num_res_blocks,
+                     resolution=t.resolution)
+
+
+def _step_decay(milestones):
+    ms = sorted(int(m) for m in milestones)
+    return lambda step: 0.1 ** sum(step >= m for m in ms)
+
+
+def train_tokenizer(cfg) -> dict:
+    ctx = RunContext(cfg, "tokenizer")
+    done = ctx.acquire()
+    if done:
+        log.info(f"tokenizer {ctx.signature} already finished: {ctx.run_dir}")
+        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {})}
+    try:
+        return _train(cfg, ctx)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            ctx.fail(e)
+        raise
+
+
+def _train(cfg, ctx: RunContext) -> dict:
+    t, L, acc = ctx.t, cfg.tokenizer.loss, ctx.acc
+    ckpt = ctx.open()
+    model = build_tokenizer(cfg)
+    disc = PatchDiscriminator(3, ndf=L.disc_ndf, n_layers=L.disc_layers)
+    lecam = LeCAM()
+    ema = EMA(model, decay=t.ema_decay)
+    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=tuple(t.betas))
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _step_decay(t.lr_decay_steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _step_decay(t.lr_decay_steps))
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"]), lecam.load_state_dict(ckpt["lecam"])
+        ema.load_state_dict(ckpt["ema"])
+        opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
+        sched_g.load_state_dict(ckpt["sched_g"]), sched_d.load_state_dict(ckpt["sched_d"])
+        start = int(ckpt["step"])
+        log.info(f"resuming tokenizer {ctx.signature} at step {start}")
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        ctx.log_params({"derived.params": n, "derived.codebook_size": model.quantizer.codebook_size,
+                        "derived.disc_params": sum(p.numel() for p in disc.parameters())})
+
+    lpips_model = M.load_lpips(cfg.metrics.vgg16_weights)
+    use_lpips = L.perceptual_weight > 0 and not isinstance(lpips_model, M.Missing)
+    if L.perceptual_weight > 0 and not use_lpips and ctx.is_main:
+        log.warning(f"perceptual loss off: {lpips_model.reason}")
+        ctx.tracker.log_missing("train/perceptual", lpips_model.reason)
+    if use_lpips:
+        lpips_model = lpips_model.to(acc.device)
+
+    model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
+    lecam = lecam.to(acc.device)
+    raw, raw_disc = acc.unwrap_model(model), acc.unwrap_model(disc)
+    train_ds = build_dataset(cfg.data, "train", cfg.seed)
+    sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
+                                 acc.num_processes, t.grad_accum)
+    batches = iter(DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                              persistent_workers=cfg.data.num_workers > 0))
+
+    def payload():
+        return {"model": raw.state_dict(), "disc": raw_disc.state_dict(), "lecam": lecam.state_dict(),
+                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict()}
+
+    bar = ctx.progress(start, t.steps, "tokenizer")
+    last = {}
+    for step in range(start, t.steps):
+        gan_on = step >= L.disc_start
+        for _ in range(t.grad_accum):
+            x = next(batches)[0].to(acc.device)
+            with acc.accumulate(model, disc):
+                # generator: D is used through its unwrapped module with frozen params, so its grads (and DDP's
+                # reducer) only see the discriminator step
+                with acc.autocast():
+                    x_rec, q = model(x)
+                    rec = F.l1_loss(x_rec.float(), x)
+                    p_loss = lpips_model(x_rec.float(), x).mean() if use_lpips else torch.zeros((), device=x.device)
+                    raw_disc.requires_grad_(False)
+                    g_adv = generator_adv_loss(raw_disc(x_rec)) if gan_on else torch.zeros((), device=x.device)
+                    raw_disc.requires_grad_(True)
+                    loss = rec + L.perceptual_weight * p_loss * use_lpips + q.loss + L.adv_weight * g_adv
+                acc.backward(loss)
+                opt_g.step(), opt_g.zero_grad(set_to_none=True)
+                # discriminator: hinge + LeCAM on real vs detached reconstructions
+                if gan_on:
+                    with acc.autocast():
+                        lr_, lf_ = disc(x), disc(x_rec.detach())
+                        d_hinge = hinge_d_loss(lr_.float(), lf_.float())
+                        reg = lecam(lr_.float(), lf_.float())
+                        d_loss = d_hinge + L.lecam_weight * reg
+                    acc.backward(d_loss)
+                    opt_d.step(), opt_d.zero_grad(set_to_none=True)
+                    if acc.sync_gradients:
+                        lecam.update(acc.gather(lr_.detach().float().mean()[None]).mean(),
+                                     acc.gather(lf_.detach().float().mean()[None]).mean())
+        sched_g.step(), sched_d.step()
+        ema.update(raw)
+        step1 = step + 1
+        if step1 % cfg.tracking.log_every == 0 or step1 == t.steps:
+            m = {"train/loss": loss, "train/rec_l1": rec, "train/perceptual": p_loss, "train/g_adv": g_adv,
+                 "train/lr": sched_g.get_last_lr()[0], "train/utilization_batch":
+                 torch.unique(q.indices).numel() / raw.quantizer.codebook_size,
+                 **{f"train/{k}": v for k, v in q.stats.items()}}
+            if gan_on:
+                m.update({"train/d_loss": d_hinge, "train/lecam": reg})
+            last = {k: float(acc.reduce(v.detach().float(), "mean")) if torch.is_tensor(v) else float(v)
+                    for k, v in m.items()}
+            ctx.log(last, step1)
+            ctx.status(step1, last)
+            bar.set_postfix(loss=f"{last['train/loss']:.3f}", l1=f"{last['train/rec_l1']:.3f}")
+        bar.update(1)
+        if t.eval_every and step1 % t.eval_every == 0 and step1 != t.steps:
+            ctx.log(evaluate(cfg, ctx, raw, ema, lpips_model, save_images=False), step1)
+        if step1 % t.ckpt_every == 0 and step1 != t.steps:
+            ctx.save(step1, payload())
+        ctx.maybe_preempt(step1, payload)
+    bar.close()
+    ctx.save(t.steps, payload())
+    results = evaluate(cfg, ctx, raw, ema, lpips_model, save_images=True)
+    ctx.log(results, t.steps)
+    return ctx.finish(t.steps, {**last, **results})
+
+
+@torch.no_grad()
+def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool) -> dict:
+    """Held-out split with EMA weights: PSNR, SSIM, LPIPS, rFID, utilization, perplexity (missing ones tagged)."""
+    acc = ctx.acc
+    ds = build_dataset(cfg.data, "val", cfg.seed)
+    idx = list(range(acc.process_index, len(ds), acc.num_processes))
+    loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=32, num_workers=cfg.data.num_workers)
+    inception = M.inception_for_fid(cfg.metrics.inception_weights) if ctx.is_main else None
+    lp = lpips_model if not isinstance(lpips_model, M.Missing) else lpips_model
+    rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lp, inception=inception,
+                                 device=acc.device) if ctx.is_main else None
+    first = None
+    was_training = raw.training
+    raw.eval()
+    with ema.swap(raw):
+        for x, _ in loader:
+            x = x.to(acc.device)
+            with acc.autocast():
+                x_rec, q = raw(x)
+            x_rec = x_rec.float().clamp(-1, 1)
+            xs, rs, ids = acc.gather((x, x_rec, q.indices))
+            if rm is not None:
+                rm.update(xs, rs, ids)
+                if first is None:
+                    first = (xs[:8].cpu(), rs[:8].cpu())
+    raw.train(was_training)
+    if rm is None:
+        return {}
+    out = rm.compute()
+    res = {}
+    for k, v in out.items():
+        if isinstance(v, M.Missing):
+            ctx.tracker.log_missing(f"eval/{k}", v.reason)
+        else:
+            res[f"eval/{k}"] = float(v)
+    if save_images and first is not None:
+        path = save_grid(first, ctx.run_dir / "recon_grid.png", labels=("original", "reconstruction"))
+        ctx.tracker.log_artifact(str(path))
+    return res
