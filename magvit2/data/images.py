@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -29,14 +28,13 @@ def resize_short(img: Image.Image, size: int) -> Image.Image:
 
 
 def load_photo(name: str) -> Image.Image:
+    """A photo from scikit-image's package folder (shipped in its wheel: no download)."""
     import skimage.data
-    fn = getattr(skimage.data, name, None)
-    if fn is None:
-        raise ConfigError(f"data.photos: {name!r} is not an image shipped with scikit-image (skimage.data.{name})")
-    arr = np.asarray(fn())
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, -1)
-    return Image.fromarray(arr[..., :3].astype(np.uint8))
+    folder = Path(skimage.data.__file__).parent
+    files = [p for p in folder.glob(f"{name}.*") if p.suffix.lower() in IMG_EXT]
+    if not files:
+        raise ConfigError(f"data.photos: {name!r} is not an image shipped with scikit-image (look in {folder})")
+    return Image.open(files[0]).convert("RGB")
 
 
 class PhotoCrops(Dataset):

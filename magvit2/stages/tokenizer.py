@@ -119,13 +119,10 @@ def _train(cfg, ctx: RunContext) -> dict:
                     with acc.autocast():
                         lr_, lf_ = disc(x), disc(x_rec.detach())
                         d_hinge = hinge_d_loss(lr_.float(), lf_.float())
-                        reg = lecam(lr_.float(), lf_.float())
+                        reg = lecam(lr_.float(), lf_.float())  # updates its EMAs of the mean logits first
                         d_loss = d_hinge + L.lecam_weight * reg
                     acc.backward(d_loss)
                     opt_d.step(), opt_d.zero_grad(set_to_none=True)
-                    if acc.sync_gradients:
-                        lecam.update(acc.gather(lr_.detach().float().mean()[None]).mean(),
-                                     acc.gather(lf_.detach().float().mean()[None]).mean())
         sched_g.step(), sched_d.step()
         ema.update(raw)
         step1 = step + 1

@@ -1,0 +1,172 @@
+"""Stage II: the class-conditional Llama generator with asymmetric token factorization and next-sub-token
+prediction, trained on token shards of the frozen tokenizer; sampling and FID/IS at the end."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from magvit2.data import tokens as T
+from magvit2.data.sampler import GlobalBatchSampler
+from magvit2.models.ar import ARConfig, FactorizedAR
+from magvit2.quantizers import split_indices
+from magvit2.stages.common import RunContext
+from magvit2.stages.generate import evaluate_generation
+from magvit2.stages.resolve import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def ar_config(cfg, grid: int) -> ARConfig:
+    m = cfg.model
+    return ARConfig(bits=tuple(cfg.factorization.bits), dim=m.dim, n_inter=m.n_inter, n_intra=m.n_intra,
+                    n_heads=m.n_heads, num_classes=m.num_classes, grid=grid, class_dropout=m.class_dropout,
+                    embed_dropout=m.embed_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout)
+
+
+def lr_lambda(t):
+    """Linear warmup from 0.005x, flat for flat_fraction of the rest, then linear decay to final_lr_ratio."""
+    warm, total = int(t.warmup_steps), int(t.steps)
+    flat_end = warm + int(t.flat_fraction * (total - warm))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return 0.005 + (1 - 0.005) * step / warm
+        if step < flat_end:
+            return 1.0
+        return 1.0 - (1.0 - t.final_lr_ratio) * (step - flat_end) / max(1, total - flat_end)
+    return f
+
+
+def param_groups(model, weight_decay: float):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def train_ar(cfg) -> dict:
+    tokenizer, tok_id, tok_info = load_tokenizer(cfg)
+    ctx = RunContext(cfg, "ar")
+    done = ctx.acquire()
+    if done:
+        log.info(f"AR run {ctx.signature} already finished: {ctx.run_dir}")
+        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {})}
+    try:
+        return _train(cfg, ctx, tokenizer.to(ctx.acc.device), tok_id, tok_info)
+    except BaseException as e:
+        if not isinstance(e, SystemExit):
+            ctx.fail(e)
+        raise
+
+
+def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict:
+    t, acc = ctx.t, ctx.acc
+    shards = T.extract(cfg, tokenizer, tok_id, acc)
+    train_ds, val_ds = T.TokenShards(shards, "train"), T.TokenShards(shards, "val")
+    grid = train_ds.tokens.shape[-1]
+    bits = list(cfg.factorization.bits)
+    ckpt = ctx.open()
+    model = FactorizedAR(ar_config(cfg, grid))
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
+        start = int(ckpt["step"])
+        log.info(f"resuming AR {ctx.signature} at step {start}")
+    else:
+        ctx.log_params({"derived.M": len(bits), "derived.bits": "-".join(map(str, bits)),
+                        "derived.params": sum(p.numel() for p in model.parameters()),
+                        "derived.codebook_size": 2 ** sum(bits), "derived.grid": grid,
+                        "derived.tokenizer": tok_info.get("source", ""), "derived.train_tokens": len(train_ds)})
+        if ctx.is_main:
+            ctx.tracker.set_tags({"magvit2.tokenizer": tok_info.get("source", "")})
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
+                                 acc.num_processes, t.grad_accum)
+    batches = iter(DataLoader(train_ds, batch_sampler=sampler))
+
+    def payload():
+        return {"model": raw.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+
+    bar = ctx.progress(start, t.steps, f"AR {cfg.factorization.name}-{cfg.model.name}")
+    last, tic, seen = {}, time.perf_counter(), 0
+    for step in range(start, t.steps):
+        for _ in range(t.grad_accum):
+            tok, y = next(batches)
+            sub = split_indices(tok.flatten(1).to(acc.device), bits)
+            with acc.accumulate(model):
+                with acc.autocast():
+                    logits = model(sub, y.to(acc.device))
+                    loss, stats = subtoken_loss(logits, sub)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), t.grad_clip)
+                opt.step(), opt.zero_grad(set_to_none=True)
+            seen += sub.shape[0] * sub.shape[1]
+        sched.step()
+        step1 = step + 1
+        if step1 % cfg.tracking.log_every == 0 or step1 == t.steps:
+            dt = time.perf_counter() - tic
+            m = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()},
+                 "train/lr": sched.get_last_lr()[0]}
+            last = {k: float(acc.reduce(v.float(), "mean")) if torch.is_tensor(v) else float(v) for k, v in m.items()}
+            last["train/tokens_per_s"] = seen * acc.num_processes / max(dt, 1e-9)
+            tic, seen = time.perf_counter(), 0
+            ctx.log(last, step1)
+            ctx.status(step1, last)
+            bar.set_postfix(loss=f"{last['train/loss']:.3f}")
+        bar.update(1)
+        if t.eval_every and step1 % t.eval_every == 0 and step1 != t.steps:
+            ctx.log(validate(raw, val_ds, bits, acc), step1)
+        if step1 % t.ckpt_every == 0 and step1 != t.steps:
+            ctx.save(step1, payload())
+        ctx.maybe_preempt(step1, payload)
+    bar.close()
+    ctx.save(t.steps, payload())
+    results = {**validate(raw, val_ds, bits, acc)}
+    results.update(evaluate_generation(cfg, ctx, raw, tokenizer))
+    ctx.log(results, t.steps)
+    return ctx.finish(t.steps, {**last, **results})
+
+
+@torch.no_grad()
+def validate(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
+    """Teacher-forced loss and accuracy per sub-token on the held-out tokens (true labels, no label dropout)."""
+    was = model.training
+    model.eval()
+    idx = list(range(acc.process_index, len(val_ds), acc.num_processes))
+    sums, n = {}, 0
+    for s in range(0, len(idx), batch_size):
+        tok, y = zip(*(val_ds[i] for i in idx[s:s + batch_size]))
+        sub = split_indices(torch.stack(tok).flatten(1).to(acc.device), bits)
+        loss, stats = model.loss(sub, torch.stack(y).to(acc.device))
+        b = sub.shape[0]
+        for k, v in {"loss": loss, **stats}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * b
+        n += b
+    model.train(was)
+    out = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [n], dtype=torch.float64, device=acc.device)
+    out = acc.reduce(out, "sum")
+    total = max(float(out[-1]), 1.0)
+    return {f"val/{k}": float(v) / total for k, v in zip(sorted(sums), out[:-1])} if sums else {}
+
+
+def subtoken_loss(logits: list, sub: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Sum over sub-tokens of the cross-entropy (computed from the wrapped model's output so DDP syncs grads)."""
+    total, stats = 0.0, {}
+    for j, lg in enumerate(logits):
+        target = sub[..., j]
+        ce = torch.nn.functional.cross_entropy(lg.float().flatten(0, 1), target.flatten())
+        total = total + ce
+        stats[f"loss_{j + 1}"] = ce.detach()
+        stats[f"acc_{j + 1}"] = (lg.argmax(-1) == target).float().mean()
+    return total, stats
+
+
+def uniform_loss(bits) -> float:
+    return sum(b * math.log(2) for b in bits)

@@ -1,0 +1,91 @@
+"""Sampling with the trained generator: class-conditional images, grids, FID/IS, ADM-style npz."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import ListConfig
+from tqdm.auto import tqdm
+
+from magvit2 import metrics as M
+from magvit2.quantizers import merge_subtokens
+from magvit2.stages.images import as_numpy_uint8, save_grid
+
+log = logging.getLogger(__name__)
+
+
+def _values(v):
+    """A scalar for all sub-tokens or one value per sub-token (a Hydra list)."""
+    return [float(a) for a in v] if isinstance(v, (list, tuple, ListConfig)) else float(v)
+
+
+@torch.no_grad()
+def sample_images(model, tokenizer, labels: torch.Tensor, sampling, bits, seed: int, batch_size: int,
+                  device, show: bool = True) -> torch.Tensor:
+    """-> images in [-1, 1], (N, 3, H, W), for the given labels; reproducible for a seed and batch size."""
+    was = model.training
+    model.eval()
+    out = []
+    grid = model.cfg.grid
+    for s in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not show, mininterval=1.0):
+        y = labels[s:s + batch_size].to(device)
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+        sub = model.generate(y, cfg_scale=_values(sampling.cfg_scale), temperature=_values(sampling.temperature),
+                             top_k=sampling.top_k, top_p=sampling.top_p, generator=g)
+        idx = merge_subtokens(sub, bits).view(-1, grid, grid)
+        out.append(tokenizer.decode_indices(idx).float().clamp(-1, 1).cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def save_sample_grid(images: torch.Tensor, per_class: int, path: Path, max_classes: int = 10,
+                     max_per_class: int = 8) -> Path:
+    rows = [images[c * per_class:c * per_class + min(per_class, max_per_class)]
+            for c in range(min(max_classes, len(images) // per_class))]
+    return save_grid(rows, path, labels=[f"class {c}" for c in range(len(rows))])
+
+
+def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
+    """Samples per class (split over processes), a grid artifact, FID/IS against the val images, npz export."""
+    from magvit2.data.images import build_dataset
+    acc, s = ctx.acc, cfg.sampling
+    labels = class_labels(cfg.model.num_classes, s.per_class)
+    mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
+    imgs = sample_images(model, tokenizer, labels[mine], s, list(cfg.factorization.bits), s.seed + acc.process_index,
+                         s.batch_size, acc.device, show=ctx.is_main)
+    gathered = acc.gather(imgs.to(acc.device)).cpu()
+    if not ctx.is_main:
+        return {}
+    # undo the round-robin split so images are ordered by label again
+    order = torch.cat([torch.arange(r, len(labels), acc.num_processes) for r in range(acc.num_processes)])
+    images = torch.empty_like(gathered[:len(labels)])
+    images[order] = gathered[:len(labels)]
+    grid = save_sample_grid(images, s.per_class, ctx.run_dir / "samples.png")
+    ctx.tracker.log_artifact(str(grid))
+    res = {"eval/n_samples": float(len(images))}
+    if s.export_npz:
+        npz = ctx.run_dir / "samples.npz"
+        M.export_adm_npz(as_numpy_uint8(images), npz)
+        ctx.tracker.set_tags({"magvit2.samples_npz": str(npz)})
+    inception = M.inception_for_fid(cfg.metrics.inception_weights)
+    if isinstance(inception, M.Missing):
+        for k in ("eval/fid", "eval/is"):
+            ctx.tracker.log_missing(k, inception.reason)
+        return res
+    gm = M.GenerationMetrics(inception, device=acc.device)
+    val = build_dataset(cfg.data, "val", cfg.seed)
+    for i in range(0, len(val), 64):
+        gm.update_real(torch.stack([val[j][0] for j in range(i, min(i + 64, len(val)))]).to(acc.device))
+    for i in range(0, len(images), 64):
+        gm.update_fake(images[i:i + 64].to(acc.device))
+    for k, v in gm.compute().items():
+        if isinstance(v, M.Missing):
+            ctx.tracker.log_missing(f"eval/{k}", v.reason)
+        else:
+            res[f"eval/{k}"] = float(v)
+    return res

@@ -1,0 +1,75 @@
+"""Which tokenizer an AR run uses: `tokenizer.checkpoint: auto | PATH | runs:/<mlflow run id>`.
+
+auto: the finished tokenizer run with the same tokenizer signature, trained first (by all processes of this member)
+if there is none; concurrent members wait on its lock instead of training it twice.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from magvit2 import config as C
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_path(cfg) -> tuple[Path, str]:
+    ck = cfg.tokenizer.checkpoint
+    if ck in (None, "auto"):
+        from magvit2.stages.tokenizer import train_tokenizer
+        res = train_tokenizer(OmegaConf.merge(cfg, {"stage": "tokenizer"}))
+        return Path(res["run_dir"]) / "checkpoint.pt", f"auto:{C.tokenizer_signature(cfg)}"
+    ck = str(ck)
+    if ck.startswith("runs:/"):
+        import mlflow
+        from magvit2 import tracking
+        mlflow.set_tracking_uri(tracking.tracking_uri(str(cfg.paths.root), cfg.tracking.uri))
+        run_id = ck[len("runs:/"):].strip("/").split("/")[0]
+        try:
+            run = mlflow.MlflowClient().get_run(run_id)
+        except Exception as e:
+            raise C.ConfigError(f"tokenizer.checkpoint={ck}: no such MLflow run ({e}); use a tokenizer run id "
+                                f"from the magvit2-tokenizer experiment") from e
+        rd = run.data.tags.get("magvit2.run_dir")
+        if not rd:
+            raise C.ConfigError(f"tokenizer.checkpoint={ck}: run {run_id} is not a magvit2 tokenizer run "
+                                f"(no magvit2.run_dir tag)")
+        return Path(rd) / "checkpoint.pt", ck
+    p = Path(ck).expanduser()
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise C.ConfigError(f"tokenizer.checkpoint={ck}: file not found; give a tokenizer checkpoint.pt, its run "
+                            f"dir, runs:/<mlflow run id>, or auto")
+    return p, f"path:{p.resolve()}"
+
+
+def load_tokenizer(cfg):
+    """-> (tokenizer in eval mode with EMA weights, identity string for caches, info dict)."""
+    from magvit2.stages.tokenizer import build_tokenizer
+    path, source = checkpoint_path(cfg)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_tokenizer(cfg)
+    try:
+        if "ema" in ckpt:
+            model.load_state_dict(ckpt["model"])
+            _load_ema(model, ckpt["ema"])
+        else:
+            model.load_state_dict(ckpt.get("state_dict", ckpt))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise C.ConfigError(f"tokenizer.checkpoint={cfg.tokenizer.checkpoint}: {path} does not fit "
+                            f"tokenizer={cfg.tokenizer.name} quantizer={C.choices(cfg)['quantizer']} ({e}); use the "
+                            f"tokenizer config it was trained with") from e
+    model.eval().requires_grad_(False)
+    ident = f"{source}@step{ckpt.get('step', '?')}"
+    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step")}
+
+
+def _load_ema(model, ema_state) -> None:
+    from magvit2.models.ema import EMA
+    ema = EMA(model)
+    ema.load_state_dict(ema_state)
+    ema.copy_to(model)

@@ -1,0 +1,54 @@
+"""Shared helpers: run `python -m magvit2.train` for real (a subprocess, as a user would) on tiny settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tokenizer and generator small enough for 2 CPU cores: 16px crops -> 4x4 tokens of 18 bits.
+TINY = [
+    "tokenizer.resolution=16", "tokenizer.ch=16", "tokenizer.ch_mult=[1,2,2]", "tokenizer.loss.disc_ndf=8",
+    "data.scale=64", "data.train_size=256", "data.val_size=20", "data.photos=[astronaut,coffee,chelsea,rocket]",
+    "data.num_classes=4", "model.dim=32", "model.n_inter=2", "model.n_intra=1", "model.n_heads=2",
+    "trainer.tokenizer.steps=6", "trainer.tokenizer.batch_size=4", "trainer.tokenizer.ckpt_every=2",
+    "trainer.tokenizer.eval_every=0", "trainer.ar.steps=6", "trainer.ar.batch_size=8", "trainer.ar.ckpt_every=2",
+    "trainer.ar.eval_every=0", "trainer.ar.warmup_steps=2", "tracking.log_every=1", "sampling.per_class=2",
+]
+
+
+def train_cmd(root: Path, *overrides: str, multirun: bool = False, tiny: bool = True) -> list[str]:
+    cmd = [sys.executable, "-m", "magvit2.train"] + (["-m"] if multirun else [])
+    return cmd + [f"paths.root={root}", *(TINY if tiny else []), *overrides]
+
+
+def run_train(root: Path, *overrides: str, multirun: bool = False, env: dict | None = None, timeout: int = 600,
+              check: bool = True, tiny: bool = True) -> subprocess.CompletedProcess:
+    e = {**os.environ, "OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    if "MLFLOW_TRACKING_URI" not in (env or {}):
+        e.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store under paths.root
+    p = subprocess.run(train_cmd(root, *overrides, multirun=multirun, tiny=tiny), cwd=root, env=e, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def load_ckpt(run_dir: Path) -> dict:
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path

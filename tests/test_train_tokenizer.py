@@ -1,0 +1,134 @@
+"""Stage I end to end through `python -m magvit2.train`: config, data errors, the loop, checkpoint, kill, resume."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, assert_same_weights, load_ckpt, run_train, train_cmd
+from magvit2.data.images import ImageFolder, PhotoCrops
+
+
+def test_embedded_default_config():
+    p = subprocess.run([sys.executable, "-m", "magvit2.train", "--cfg", "job"], cwd=REPO, capture_output=True,
+                       text=True, check=True)
+    cfg = yaml.safe_load(p.stdout)
+    assert cfg["stage"] == "ar" and cfg["tokenizer"]["name"] == "tiny" and cfg["data"]["name"] == "photos"
+    assert cfg["quantizer"]["_target_"] == "magvit2.quantizers.LFQ" and cfg["tokenizer"]["bits"] == 18
+    assert cfg["factorization"]["bits"] == [6, 12] and cfg["model"]["name"] == "tiny"
+    assert cfg["tokenizer"]["checkpoint"] == "auto"
+    assert cfg["metrics"]["inception_weights"] is None  # offline: rFID/FID reported missing, never faked
+
+
+def test_photo_crops_are_deterministic_and_split():
+    tr = PhotoCrops(["astronaut", "coffee"], 16, 64, 10, "train", seed=0)
+    va = PhotoCrops(["astronaut", "coffee"], 16, 64, 6, "val", seed=0)
+    x, y = tr[3]
+    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 and y == 1
+    assert torch.equal(tr[3][0], PhotoCrops(["astronaut", "coffee"], 16, 64, 10, "train", seed=0)[3][0])
+    # train crops come from the top 3/4 of each photo, val crops from the bottom 1/4: no shared pixels
+    for i in range(len(tr)):
+        assert tr._box(tr.images[i % 2], i)[1] + 16 <= (tr.images[i % 2].height * 3) // 4
+    for i in range(len(va)):
+        assert va._box(va.images[i % 2], i)[1] >= (va.images[i % 2].height * 3) // 4
+
+
+def test_imagefolder_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    tr, va = ImageFolder(str(tmp_path), 16, "train"), ImageFolder(str(tmp_path), 16, "val")
+    assert len(tr) == 6 and len(va) == 6 and tr.classes == ["cat", "dog"]
+    assert tr[4][0].shape == (3, 16, 16) and tr[4][1] == 1
+    # val: shorter-side resize to 16 then center crop -> deterministic
+    assert torch.equal(va[0][0], va[0][0])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["data=imagefolder"], "set path="),
+    (["data=imagefolder", "path=/nonexistent/imagenet"], "data.path=/nonexistent/imagenet does not exist"),
+    (["factorization=k9_9", "tokenizer.bits=16"], "tokenizer.bits=16"),
+    (["trainer.tokenizer.precision=fp32"], "trainer.tokenizer.precision"),
+])
+def test_bad_settings_fail_with_one_clear_message(root, overrides, needle):
+    p = run_train(root, *overrides, check=False, timeout=120, tiny=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and needle in err[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_empty_image_folder_is_named(root):
+    (root / "imgs" / "train" / "cls").mkdir(parents=True)
+    p = run_train(root, "data=imagefolder", f"path={root / 'imgs'}", "stage=tokenizer", check=False, timeout=300,
+                  tiny=False)
+    assert p.returncode == 2 and "no images found" in p.stderr and "data.path=" in p.stderr, p.stderr[-2000:]
+
+
+def _tok_run_dir(root: Path) -> Path:
+    (d,) = [p for p in (root / "runs" / "tokenizer").iterdir() if p.is_dir()]
+    return d
+
+
+@pytest.mark.slow
+def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    run_train(a, "stage=tokenizer")
+    ref = load_ckpt(_tok_run_dir(a))
+    assert ref["step"] == 6
+
+    # b: SIGKILL (no chance to clean up) once the first checkpoint is on disk, then start again
+    proc = subprocess.Popen(train_cmd(b, "stage=tokenizer"), cwd=b, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((b / "runs" / "tokenizer").glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+        assert proc.poll() is None, "run ended before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rd = _tok_run_dir(b)
+    killed_at = load_ckpt(rd)["step"]
+    assert 0 < killed_at < 6
+    first_run = json.loads((rd / "status.json").read_text())["mlflow_run_id"]
+    p = run_train(b, "stage=tokenizer")
+    assert f"resuming tokenizer" in p.stderr + p.stdout
+    got = load_ckpt(rd)
+    assert got["step"] == 6
+    for k in ("model", "disc", "lecam"):
+        assert_same_weights(ref[k], got[k])
+    assert_same_weights(ref["ema"]["shadow"], got["ema"]["shadow"])
+
+    # the resumed run continued the same MLflow run, with the whole metric history and the eval results
+    st = json.loads((rd / "status.json").read_text())
+    assert st["state"] == "finished" and st["mlflow_run_id"] == first_run
+    client = mlflow.MlflowClient(f"sqlite:///{b}/mlflow.db")
+    run = client.get_run(first_run)
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(first_run, "train/rec_l1")})
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for k in ("eval/psnr", "eval/ssim", "eval/utilization", "eval/perplexity"):
+        assert k in run.data.metrics
+    assert 0 < run.data.metrics["eval/utilization"] <= 1
+    assert "no Inception weights" in run.data.tags["magvit2.missing.eval/rfid"] or \
+        "inception" in run.data.tags["magvit2.missing.eval/rfid"].lower()
+    assert run.data.params["tokenizer.ch"] == "16" and run.data.params["choice.quantizer"] == "lfq"
+    arts = {f.path for f in client.list_artifacts(first_run)}
+    assert "recon_grid.png" in arts and "config.yaml" in arts
+
+    # a third start trains nothing: the run is finished
+    p = run_train(b, "stage=tokenizer")
+    assert "already finished" in p.stderr + p.stdout
