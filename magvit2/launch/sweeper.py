@@ -62,8 +62,9 @@ class Magvit2Sweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
-        members = [list(m) for m in batches[0]]
+        parsed = parser.parse_overrides(arguments)
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+        members = [list(m) for m in BasicSweeper.split_arguments(parsed, None)[0]]
         loader = self.hydra_context.config_loader
 
         rows, errors = [], []
@@ -74,7 +75,8 @@ class Magvit2Sweeper(Sweeper):
                 C.validate(cfg)
                 rows.append(state.describe_member(cfg, ov))
             except Exception as e:  # composition errors and ConfigError alike name the member
-                errors.append(f"  member #{i} [{' '.join(ov)}]: {e}")
+                label = " ".join(o for o in ov if o.split("=", 1)[0] in swept) or " ".join(ov)
+                errors.append(f"  member #{i} [{label}]: {e}")
         if errors:
             print("error: the sweep was not started; fix these members:\n" + "\n".join(errors), file=sys.stderr)
             sys.exit(2)

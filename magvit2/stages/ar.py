@@ -93,6 +93,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     def payload():
         return {"model": raw.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
 
+    ctx.restore_rng(ckpt)
     bar = ctx.progress(start, t.steps, f"AR {cfg.factorization.name}-{cfg.model.name}")
     last, tic, seen = {}, time.perf_counter(), 0
     for step in range(start, t.steps):

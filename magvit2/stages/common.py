@@ -84,10 +84,7 @@ class RunContext:
     def open(self) -> dict | None:
         """Load the checkpoint if any, open (or reopen) the MLflow run. Returns the checkpoint."""
         ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False) if self.ckpt_path.exists() else None
-        dist.seed_everything(int(self.cfg.seed) + self.acc.process_index)
-        if ckpt is not None:
-            rng = self.run_dir / f"rng-{self.acc.process_index}.pt"
-            dist.set_rng_state(torch.load(rng, weights_only=False) if rng.exists() else ckpt["rng"])
+        dist.seed_everything(int(self.cfg.seed) + self.acc.process_index)  # model init, before any resume
         if self.is_main:
             self._open_tracking(ckpt)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
@@ -95,6 +92,12 @@ class RunContext:
                                mlflow_run_id=self.tracker.run_id if self.tracker else None)
         self.preempt.install()
         return ckpt
+
+    def restore_rng(self, ckpt: dict | None) -> None:
+        """Call last before the loop: model construction and DataLoader iterators draw from the RNG too."""
+        if ckpt is not None:
+            rng = self.run_dir / f"rng-{self.acc.process_index}.pt"
+            dist.set_rng_state(torch.load(rng, weights_only=False) if rng.exists() else ckpt["rng"])
 
     def _open_tracking(self, ckpt: dict | None) -> None:
         from magvit2 import tracking

@@ -95,6 +95,7 @@ def _train(cfg, ctx: RunContext) -> dict:
                 "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                 "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict()}
 
+    ctx.restore_rng(ckpt)
     bar = ctx.progress(start, t.steps, "tokenizer")
     last = {}
     for step in range(start, t.steps):
