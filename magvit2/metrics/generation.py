@@ -1,0 +1,85 @@
+"""Generation FID and Inception Score of samples vs reference images, with the local FID Inception.
+
+FID uses the 2048-d pool features; IS uses the unbiased logits (1008 classes of the TF graph) in `splits` groups,
+as torch-fidelity/torchmetrics do. The official protocol is 50k samples (50 per class) vs the ImageNet reference
+batch; for numbers comparable to papers also export the samples with export_adm_npz for the ADM evaluator.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .accumulators import Count
+from .inception import check_images, check_inception, make_fid, make_is, to_uint8, to_unit
+from .missing import Missing, finite_or_missing
+
+
+def as_uint8(x: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 images pass through; float images are taken to be in [-1,1] (model space)."""
+    check_images(x, name)
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected uint8 [0,255] or float [-1,1] images, got {x.dtype}")
+    return to_uint8(to_unit(x))
+
+
+class GenerationMetrics:
+    def __init__(self, inception, device="cpu", is_splits: int = 10):
+        if not isinstance(is_splits, int) or is_splits < 1:
+            raise ValueError(f"is_splits must be a positive int (10 is the usual), got {is_splits!r}")
+        self.device, self.is_splits = torch.device(device), is_splits
+        self.n_real, self.n_fake = Count().to(self.device), Count().to(self.device)
+        self.inception = check_inception(inception, "GenerationMetrics")
+        if not isinstance(self.inception, Missing):
+            self.inception = self.inception.to(self.device)
+            self.fid = make_fid(self.inception, self.device)
+            self.inception_score = make_is(self.inception, is_splits, self.device)
+
+    @torch.no_grad()
+    def update_real(self, x: torch.Tensor) -> None:
+        """Reference images: uint8 (B,3,H,W) or float in [-1,1]."""
+        x = as_uint8(x, "x").to(self.device)
+        if not isinstance(self.inception, Missing):
+            self.fid.update(self.inception(x), real=True)
+        self.n_real.update(x.shape[0])
+
+    @torch.no_grad()
+    def update_fake(self, x: torch.Tensor) -> None:
+        """Generated samples: uint8 (B,3,H,W) or float in [-1,1]."""
+        x = as_uint8(x, "x").to(self.device)
+        if not isinstance(self.inception, Missing):
+            feats = self.inception(x)  # one pass for both metrics
+            self.fid.update(feats, real=False)
+            self.inception_score.update(feats)
+        self.n_fake.update(x.shape[0])
+
+    def reset(self) -> None:
+        """Start a new evaluation (keeps the network)."""
+        for m in (self.n_real, self.n_fake):
+            m.reset()
+        if not isinstance(self.inception, Missing):
+            self.fid.reset()
+            self.inception_score.reset()
+
+    def compute(self) -> dict[str, float | Missing]:
+        n_real, n_fake = self.n_real.total(), self.n_fake.total()
+        out: dict[str, float | Missing] = {"n_real": float(n_real), "n_fake": float(n_fake)}
+        if isinstance(self.inception, Missing):
+            return {**out, "fid": self.inception, "is": self.inception, "is_std": self.inception}
+        if n_real < 2 or n_fake < 2:
+            out["fid"] = Missing(f"FID needs >= 2 real and >= 2 generated images, got {n_real} and {n_fake}")
+        else:
+            out["fid"] = finite_or_missing(float(self.fid.compute()), "FID")
+        if n_fake < 2 * self.is_splits:
+            miss = Missing(f"IS needs >= 2 * is_splits = {2 * self.is_splits} generated images, got {n_fake}")
+            out["is"] = out["is_std"] = miss
+        else:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                torch.manual_seed(0)  # torchmetrics shuffles before splitting: make it repeatable
+                warnings.simplefilter("ignore", UserWarning)  # std of a single split
+                mean, std = self.inception_score.compute()
+            out["is"] = float(mean)
+            out["is_std"] = float(std) if self.is_splits > 1 else Missing("is_std needs is_splits >= 2")
+        return out
