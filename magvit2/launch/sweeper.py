@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class Magvit2SweeperConf:
     _target_: str = "hydra_plugins.magvit2.Magvit2Sweeper"
     max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None   # sweeps defined in config (experiments/experiment/*.yaml)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="magvit2", node=Magvit2SweeperConf)
@@ -49,8 +50,9 @@ def _is_member_key(o: str) -> bool:
 
 class Magvit2Sweeper(Sweeper):
     # Not a BasicSweeper subclass: Hydra's plugin scan re-executes core plugin modules, which breaks subclasses.
-    def __init__(self, max_batch_size: Optional[int] = None) -> None:
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
         self.max_batch_size = max_batch_size
+        self.params = dict(params or {})
         self.config = self.launcher = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -62,6 +64,7 @@ class Magvit2Sweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        arguments = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         parsed = parser.parse_overrides(arguments)
         swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
         members = [list(m) for m in BasicSweeper.split_arguments(parsed, None)[0]]

@@ -53,7 +53,8 @@ def train_ar(cfg) -> dict:
     done = ctx.acquire()
     if done:
         log.info(f"AR run {ctx.signature} already finished: {ctx.run_dir}")
-        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {})}
+        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {}),
+                "tokenizer": {"run_dir": tok_info["path"], **tok_info.get("metrics", {})}}
     try:
         return _train(cfg, ctx, tokenizer.to(ctx.acc.device), tok_id, tok_info)
     except BaseException as e:
@@ -132,7 +133,8 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     results = {**validate(raw, val_ds, bits, acc)}
     results.update(evaluate_generation(cfg, ctx, raw, tokenizer))
     ctx.log(results, t.steps)
-    return ctx.finish(t.steps, {**last, **results})
+    out = ctx.finish(t.steps, {**last, **results})
+    return {**out, "tokenizer": {"run_dir": tok_info["path"], **tok_info.get("metrics", {})}}
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ if there is none; concurrent members wait on its lock instead of training it twi
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def load_tokenizer(cfg):
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
     ident = f"{source}@step{ckpt.get('step', '?')}"
-    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step")}
+    st = json.loads(s.read_text()) if (s := path.parent / "status.json").exists() else {}
+    metrics = {k: v for k, v in st.get("metrics", {}).items() if k.startswith("eval/")}
+    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics}
 
 
 def _load_ema(model, ema_state) -> None:

@@ -11,7 +11,14 @@ _KEYS = [("eval/psnr", "PSNR", ".2f"), ("eval/ssim", "SSIM", ".3f"), ("eval/lpip
 
 
 def format_summary(stage: str, result: dict, tracking_uri: str) -> str:
-    lines = [f"== magvit2 {stage} run: {result.get('run_dir', '?')}"]
+    lines = []
+    if isinstance(result.get("tokenizer"), dict):  # an AR run: its tokenizer's numbers first
+        tok = result["tokenizer"]
+        lines += [f"== tokenizer: {Path(tok.get('run_dir', '?')).parent}"]
+        lines += [f"   {name:32s} {format(tok[k], fmt)}" for k, name, fmt in _KEYS if isinstance(tok.get(k), (int, float))]
+        if (Path(tok.get("run_dir", "?")).parent / "recon_grid.png").exists():
+            lines.append(f"   {'recon_grid.png':32s} {Path(tok['run_dir']).parent / 'recon_grid.png'}")
+    lines.append(f"== magvit2 {stage} run: {result.get('run_dir', '?')}")
     for k, name, fmt in _KEYS:
         if isinstance(result.get(k), (int, float)):
             lines.append(f"   {name:32s} {format(result[k], fmt)}")

@@ -1,0 +1,68 @@
+"""`python -m magvit2.sweep status <sweep id | sweep dir> [--root outputs] [--tail N --member I]`
+
+Reconnects to a sweep (also one submitted with hydra.launcher.detach=true): a table of its members with state,
+step, last metrics, SLURM job id and run dir, read from the run dirs; --tail prints the end of a member's job log.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from magvit2.launch import state
+
+
+def find_sweep(ref: str, root: Path) -> Path:
+    p = Path(ref)
+    if (p / "sweep.json").exists():
+        return p
+    cands = sorted((root / "sweeps").glob(f"{ref}*")) if (root / "sweeps").exists() else []
+    if len(cands) == 1:
+        return cands[0]
+    known = ", ".join(c.name for c in sorted((root / "sweeps").glob("*"))) if (root / "sweeps").exists() else "none"
+    raise SystemExit(f"error: no single sweep matches {ref!r} under {root / 'sweeps'} (known: {known}); give a sweep "
+                     f"id or dir, and --root if paths.root was not ./outputs")
+
+
+def member_log(row: dict, root: Path) -> Path | None:
+    """The newest submitit log of the member's SLURM job, else the newest hydra log naming its run dir."""
+    jid = row.get("slurm_job_id")
+    if jid:
+        logs = sorted((root / "submitit").glob(f"{jid}*/*_0_log.out")) + sorted(
+            (root / "submitit").glob(f"{jid.split('_')[0]}*/*_log.out"))
+        if logs:
+            return max(logs, key=os.path.getmtime)
+    logs = [p for p in (root / "hydra").rglob("*.log") if row["run_dir"] in p.read_text(errors="ignore")]
+    return max(logs, key=os.path.getmtime) if logs else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m magvit2.sweep")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="member table of a sweep")
+    st.add_argument("sweep", help="sweep id (or a unique prefix) or sweep dir")
+    st.add_argument("--root", type=Path, default=Path(os.environ.get("MAGVIT2_ROOT", "outputs")))
+    st.add_argument("--tail", type=int, default=0, help="print the last N lines of a member's log")
+    st.add_argument("--member", type=int, default=0, help="which member (# in the table) --tail reads")
+    a = ap.parse_args(argv)
+    sweep_dir = find_sweep(a.sweep, a.root)
+    rows = state.refresh(sweep_dir)
+    print(state.format_members(rows, title=f"sweep {sweep_dir.name}"))
+    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
+    print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    if a.tail:
+        if not 0 <= a.member < len(rows):
+            print(f"error: --member {a.member} out of range (0..{len(rows) - 1})", file=sys.stderr)
+            return 2
+        log = member_log(rows[a.member], a.root)
+        if log is None:
+            print(f"(no log found for member #{a.member} yet)")
+        else:
+            print(f"--- {log} (last {a.tail} lines)")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-a.tail:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
