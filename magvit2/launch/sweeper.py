@@ -76,7 +76,9 @@ class Magvit2Sweeper(Sweeper):
                 cfg = loader.load_sweep_config(self.config, ov)
                 HydraConfig.instance().set_config(cfg)  # so ${hydra:...} resolves as it will inside the job
                 C.validate(cfg)
-                rows.append(state.describe_member(cfg, ov))
+                row = state.describe_member(cfg, ov)
+                row["member"] = _label(ov, swept) or row["member"]
+                rows.append(row)
             except Exception as e:  # composition errors and ConfigError alike name the member
                 label = " ".join(o for o in ov if o.split("=", 1)[0] in swept) or " ".join(ov)
                 errors.append(f"  member #{i} [{label}]: {e}")
@@ -105,8 +107,8 @@ class Magvit2Sweeper(Sweeper):
         parent = tracking.ensure_sweep_run(exp, root, sid, stage, " ".join(arguments), len(rows))
         state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir))
 
-        extra = [f"sweep.id={sid}", f"+sweep.parent_run_id={parent}"]
-        jobs = [m + extra for m, _ in todo]
+        extra = [f"sweep.id='{sid}'", f"+sweep.parent_run_id='{parent}'"]  # quoted: hex ids can parse as numbers
+        jobs = [m + extra + [f"+sweep.member='{r['member']}'"] for m, r in todo]
         results = []
         if jobs:
             n = self.max_batch_size or len(jobs)
@@ -127,6 +129,16 @@ class Magvit2Sweeper(Sweeper):
             for r in b:
                 _ = r.return_value
         return results
+
+
+def _label(overrides: List[str], swept: set) -> str:
+    """A member's name from its swept values: 'k6_12-B', 'k6_12-n_intra=0'."""
+    parts = []
+    for o in overrides:
+        k, _, v = o.partition("=")
+        if k in swept:
+            parts.append(v if "." not in k else f"{k.rsplit('.', 1)[-1]}={v}")
+    return "-".join(parts)
 
 
 def _failed(ret) -> bool:

@@ -200,6 +200,8 @@ def _task_overrides() -> list[str]:
 
 
 def _run_name(cfg: DictConfig, stage: str) -> str:
+    if stage == cfg.stage and cfg.sweep.get("member"):
+        return str(cfg.sweep.member)
     return C.member_name(OmegaConf.merge(cfg, {"stage": stage}))
 
 

@@ -1,0 +1,411 @@
+"""MLflow tracking: sweep parent runs, member (child) runs, flattened params, metrics, artifacts.
+
+Implements the record schema of notes/TRACKING.md. Everything goes through `MlflowClient` with explicit run ids
+(never the fluent active-run stack), so several runs can live in one process and a resumed member reopens its own
+run. Takes plain dicts only: the Hydra side converts its config before calling in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+log = logging.getLogger(__name__)
+
+# MLflow 3 limits (mlflow.utils.validation): values past them are rejected by the server.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_VALID_KEY = re.compile(r"^[\w\-. /:]+$")
+
+PARAMS_OVERFLOW = "params_overflow.json"
+TAGS_OVERFLOW = "tags_overflow.json"
+SEE_PARAMS = f"<see {PARAMS_OVERFLOW}>"
+SEE_TAGS = f"<see {TAGS_OVERFLOW}>"
+
+# Tag names of the schema.
+KIND, SWEEP_ID, STAGE, SIGNATURE, OVERRIDES = (
+    "magvit2.kind", "magvit2.sweep_id", "magvit2.stage", "magvit2.signature", "magvit2.overrides")
+N_MEMBERS, MISSING_PREFIX, N_RESUMES = "magvit2.n_members", "magvit2.missing.", "magvit2.n_resumes"
+
+_RUN_URIS: dict[str, str] = {}  # run id -> tracking uri, so finish_sweep_run(run_id) needs nothing else
+
+
+# ---------------------------------------------------------------------------------------------------------------- uri
+def tracking_uri(root: str, uri: str | None = None) -> str:
+    """`MLFLOW_TRACKING_URI` > `uri` (the config's tracking.uri) > sqlite:///<abs root>/mlflow.db."""
+    chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if not chosen:
+        if not root:
+            raise ValueError("root is empty: pass paths.root (the folder that holds mlflow.db) or a tracking uri")
+        chosen = "sqlite:///" + str(Path(root).expanduser().resolve() / "mlflow.db")
+    if chosen.startswith("sqlite:///"):
+        # sqlite cannot create the folder of its database file.
+        Path(chosen[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------------- retries
+def _transient(exc: BaseException) -> bool:
+    """True for errors that go away by themselves: a locked sqlite file, an HTTP server restarting or overloaded."""
+    text = str(exc)
+    if "database is locked" in text or "database table is locked" in text:
+        return True
+    if isinstance(exc, MlflowException):
+        code = exc.error_code
+        if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"):
+            return True
+        # rest_utils wraps connection errors and exhausted 5xx retries into this message.
+        if text.startswith("API request to") and "failed with" in text:
+            return True
+        if code == "INTERNAL_ERROR" and re.search(r"\b50[0234]\b", text):
+            return True
+        return False
+    import requests  # mlflow depends on it
+
+    return isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError))
+
+
+def _retry(fn, what: str, attempts: int = 8, base_s: float = 0.25, max_s: float = 15.0):
+    """Run fn(); on a transient error sleep with exponential backoff + jitter and try again."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not _transient(exc) or i == attempts - 1:
+                raise
+            delay = min(max_s, base_s * 2**i) * (0.5 + random.random())
+            log.warning("mlflow %s failed (%s); retry %d/%d in %.1f s", what, str(exc)[:200], i + 1, attempts, delay)
+            time.sleep(delay)
+
+
+# ------------------------------------------------------------------------------------------------------------- params
+def _plain(x):
+    """Mappings/sequences (incl. OmegaConf containers) -> dict/list, so json.dumps can render them."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _scalar(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"  # as typed in a YAML file or a Hydra override
+    return str(v)
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {dotted key: string}: lists as "[6, 12]", None as "null", bools as "true"/"false"."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"flatten(d=...) needs a dict, got {type(d).__name__}; convert configs to plain dicts first")
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and len(v):
+            items = flatten(v, key)
+        elif isinstance(v, Mapping):
+            items = {key: "{}"}
+        elif isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
+            items = {key: json.dumps(_plain(v), default=str)}
+        else:
+            items = {key: _scalar(v)}
+        clash = out.keys() & items.keys()
+        if clash:
+            raise ValueError(f"flatten(d=...): key {sorted(clash)[0]!r} appears twice (a dotted key and a nested one)")
+        out.update(items)
+    return out
+
+
+def _valid_key(k: str) -> bool:
+    return bool(_VALID_KEY.match(k)) and len(k) <= MAX_KEY and posixpath.normpath(k) == k and not k.startswith("..")
+
+
+# ------------------------------------------------------------------------------------------------------- experiments
+def get_experiment_id(name: str, root: str, uri: str | None = None) -> str:
+    """Id of experiment `name`, created if missing; race-safe when several processes create it at once."""
+    if not name:
+        raise ValueError("experiment name is empty: use e.g. 'magvit2-ar' (f'{prefix}-{stage}')")
+    turi = tracking_uri(root, uri)
+    client = MlflowClient(turi)
+    location = None
+    if turi.startswith("sqlite:"):  # a server chooses its own artifact root; a local store gets an absolute one
+        location = (Path(root).expanduser().resolve() / "mlartifacts" / name).as_uri()
+
+    def find_or_create() -> str:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            exp = client.get_experiment_by_name(name)  # another process won the race: use its experiment
+            if exp is None:
+                raise
+            log.debug("experiment %s created concurrently (%s)", name, exc)
+            return exp.experiment_id
+
+    # The first touch of a fresh sqlite file runs migrations; two processes doing it at once may collide.
+    for i in range(5):
+        try:
+            return _retry(find_or_create, f"get_experiment({name})")
+        except Exception as exc:  # noqa: BLE001
+            if i == 4 or "already exists" not in str(exc):
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------------------------- sweeps
+def _check_id(name: str, value: str) -> None:
+    if not value or "'" in value or '"' in value:
+        raise ValueError(f"{name}={value!r}: needs a non-empty id without quotes (e.g. the multirun's timestamp)")
+
+
+def _find_sweep_run(client: MlflowClient, exp_id: str, sweep_id: str):
+    flt = f"tags.`{KIND}` = 'sweep' and tags.`{SWEEP_ID}` = '{sweep_id}'"
+    runs = _retry(lambda: client.search_runs([exp_id], flt, ViewType.ACTIVE_ONLY, max_results=10,
+                                             order_by=["attributes.start_time ASC"]), "search sweep run")
+    return runs[0] if runs else None
+
+
+@contextlib.contextmanager
+def _file_lock(root: str, name: str):
+    """Inter-process lock in <root>/.locks (root is shared by a sweep's members)."""
+    import fcntl
+
+    d = Path(root).expanduser().resolve() / ".locks"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{name}.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_sweep_run(experiment: str, root: str, sweep_id: str, stage: str, overrides: str, n_members: int,
+                     uri: str | None = None) -> str:
+    """The sweep's parent run (found by tag magvit2.sweep_id, else created); set RUNNING; returns its run id."""
+    _check_id("sweep_id", sweep_id)
+    turi = tracking_uri(root, uri)
+    client = MlflowClient(turi)
+    exp_id = get_experiment_id(experiment, root, uri)
+    tags = {KIND: "sweep", SWEEP_ID: sweep_id, STAGE: stage, OVERRIDES: overrides or "", N_MEMBERS: str(n_members)}
+    with _file_lock(root, f"sweep-{sweep_id}"):
+        run = _find_sweep_run(client, exp_id, sweep_id)
+        if run is None:
+            tags, long = _split_long(tags, MAX_TAG_VALUE, SEE_TAGS)
+            run = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=f"sweep-{sweep_id}"), "create sweep run")
+            if long:
+                _retry(lambda: client.log_dict(run.info.run_id, long, TAGS_OVERFLOW), "log tags overflow")
+        else:
+            if run.info.status != "RUNNING":
+                _retry(lambda: client.update_run(run.info.run_id, status="RUNNING"), "reopen sweep run")
+            if overrides or n_members:  # a member creating a missing parent passes neither; keep what is there
+                _set_tags(client, run.info.run_id, {OVERRIDES: overrides, N_MEMBERS: str(n_members)})
+    _RUN_URIS[run.info.run_id] = turi
+    return run.info.run_id
+
+
+def finish_sweep_run(run_id: str, status: str = "FINISHED", root: str | None = None, uri: str | None = None) -> None:
+    """Terminate the sweep run (FINISHED, FAILED or KILLED)."""
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status={status!r}: use FINISHED, FAILED or KILLED")
+    turi = _RUN_URIS.get(run_id)
+    if turi is None:
+        if root is None and uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ValueError(f"finish_sweep_run({run_id!r}): unknown store; pass root= (paths.root) or uri=")
+        turi = tracking_uri(root or "outputs", uri)
+    client = MlflowClient(turi)
+    _retry(lambda: client.set_terminated(run_id, status), "finish sweep run")
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _split_long(values: dict[str, str], limit: int, marker: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(values with over-long ones replaced by marker, {key: full value} of those) - never truncate silently."""
+    kept, long = {}, {}
+    for k, v in values.items():
+        if len(v) > limit:
+            kept[k], long[k] = marker, v
+        else:
+            kept[k] = v
+    return kept, long
+
+
+def _set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+    tags = {str(k): "" if v is None else str(v) for k, v in tags.items()}
+    kept, long = _split_long(tags, MAX_TAG_VALUE, SEE_TAGS)
+    if long:
+        _merge_json_artifact(client, run_id, TAGS_OVERFLOW, long)
+    items = [RunTag(k, v) for k, v in kept.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        chunk = items[i:i + _PARAMS_PER_BATCH]
+        _retry(lambda: client.log_batch(run_id, tags=chunk, synchronous=True), "log tags")
+
+
+def _merge_json_artifact(client: MlflowClient, run_id: str, name: str, new: dict) -> None:
+    """Add keys to a JSON artifact of the run (keeps keys written earlier, e.g. before a resume)."""
+    old = {}
+    if any(f.path == name for f in _retry(lambda: client.list_artifacts(run_id), "list artifacts")):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _retry(lambda: client.download_artifacts(run_id, name, tmp), f"download {name}")
+            old = json.loads(Path(path).read_text())
+    _retry(lambda: client.log_dict(run_id, {**old, **new}, name), f"log {name}")
+
+
+def _slurm_job_id() -> str:
+    e = os.environ
+    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
+        return f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}"
+    return e.get("SLURM_JOB_ID", "")
+
+
+# ------------------------------------------------------------------------------------------------------------ members
+class MemberRun:
+    """One member's MLflow run: a child of the sweep run when `sweep_id` is given; `run_id` given -> resume it."""
+
+    def __init__(self, experiment: str, root: str, stage: str, signature: str, run_name: str, tags: dict,
+                 sweep_id: str | None, run_id: str | None = None, uri: str | None = None):
+        if stage not in ("tokenizer", "ar"):
+            raise ValueError(f"stage={stage!r}: use 'tokenizer' or 'ar'")
+        self.root, self.uri = root, uri
+        self.client = MlflowClient(tracking_uri(root, uri))
+        self.experiment_id = get_experiment_id(experiment, root, uri)
+        self._pending: list[Metric] = []
+        self.resumed = run_id is not None
+        if run_id is not None:
+            try:
+                run = _retry(lambda: self.client.get_run(run_id), "get run")
+            except MlflowException as exc:
+                raise ValueError(f"run_id={run_id!r} is not in {self.client.tracking_uri}: "
+                                 "point MLFLOW_TRACKING_URI at the store the run was logged to, or start a new run "
+                                 "(run_id=None)") from exc
+            self.run_id = run.info.run_id
+            n = int(run.data.tags.get(N_RESUMES, "0")) + 1
+            _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
+            self.set_tags({**(tags or {}), N_RESUMES: n})
+            return
+        base = {KIND: "member", SWEEP_ID: sweep_id or "", STAGE: stage, SIGNATURE: signature,
+                "magvit2.host": socket.gethostname(), "magvit2.slurm_job_id": _slurm_job_id()}
+        base.update({str(k): "" if v is None else str(v) for k, v in (tags or {}).items()})
+        if sweep_id:  # normally created by the launcher before members start; created here if it is not
+            _check_id("sweep_id", sweep_id)
+            parent = _find_sweep_run(self.client, self.experiment_id, sweep_id)
+            base[MLFLOW_PARENT_RUN_ID] = (parent.info.run_id if parent is not None else
+                                          ensure_sweep_run(experiment, root, sweep_id, stage, "", 0, uri))
+        kept, long = _split_long(base, MAX_TAG_VALUE, SEE_TAGS)
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=kept, run_name=run_name), "create run")
+        self.run_id = run.info.run_id
+        if long:
+            _merge_json_artifact(self.client, self.run_id, TAGS_OVERFLOW, long)
+
+    # -- params: write-once
+    def log_params(self, flat: dict[str, str]) -> None:
+        """Log params; values over 6000 chars (or keys MLflow rejects) go whole into params_overflow.json.
+        On a resumed run only keys not logged before are added (MLflow params are write-once)."""
+        flat = {str(k): _scalar(v) for k, v in flat.items()}
+        if self.resumed:
+            have = _retry(lambda: self.client.get_run(self.run_id), "get run").data.params
+            changed = sorted(k for k in flat if k in have and have[k] != flat[k] and have[k] != SEE_PARAMS)
+            if changed:
+                log.warning("resumed run %s: params are write-once, keeping logged values of %s", self.run_id, changed)
+            flat = {k: v for k, v in flat.items() if k not in have}
+        overflow = {k: v for k, v in flat.items() if not _valid_key(k)}
+        kept, long = _split_long({k: v for k, v in flat.items() if k not in overflow}, MAX_PARAM_VALUE, SEE_PARAMS)
+        overflow.update(long)
+        if overflow:
+            _merge_json_artifact(self.client, self.run_id, PARAMS_OVERFLOW, overflow)
+        items = [Param(k, v) for k, v in kept.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            chunk = items[i:i + _PARAMS_PER_BATCH]
+            _retry(lambda: self.client.log_batch(self.run_id, params=chunk, synchronous=True), "log params")
+
+    # -- metrics
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One batched call per 1000 values; transient store errors are retried, and values that still fail stay
+        queued and go out with the next call (or at end()), so none is dropped."""
+        ts = int(time.time() * 1000)  # fixed before retries: a retried batch is then idempotent
+        for k, v in metrics.items():
+            try:
+                value = float(v.item() if hasattr(v, "item") else v)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metrics[{k!r}]={v!r} is not a number; log_missing(key, reason) instead") from exc
+            self._pending.append(Metric(str(k), value, ts, int(step)))
+        try:
+            self._flush()
+        except Exception as exc:  # noqa: BLE001
+            if not _transient(exc):
+                raise
+            log.warning("mlflow unreachable; %d metric values queued for the next call", len(self._pending))
+
+    def _flush(self, attempts: int = 8) -> None:
+        while self._pending:
+            chunk = self._pending[:_METRICS_PER_BATCH]
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=chunk, synchronous=True), "log metrics",
+                   attempts=attempts)
+            del self._pending[:len(chunk)]
+
+    def log_missing(self, key: str, reason: str) -> None:
+        """A metric that could not be computed honestly: no value, tag magvit2.missing.<key> = reason."""
+        if not reason:
+            raise ValueError(f"log_missing({key!r}, reason=''): say why the metric is missing")
+        self.set_tags({MISSING_PREFIX + key: reason})
+
+    # -- artifacts and tags
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        if not Path(path).exists():
+            raise ValueError(f"log_artifact(path={str(path)!r}): no such file or folder")
+        fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        _retry(lambda: fn(self.run_id, str(path), artifact_path), "log artifact")
+
+    def log_image(self, image, name: str) -> None:
+        """PIL image, HxWxC / HxW array (uint8 or float in [0, 1]) or a CxHxW tensor -> artifact `name`."""
+        if hasattr(image, "detach"):  # torch tensor without importing torch here
+            image = image.detach().float().cpu().numpy()
+            if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+                image = image.transpose(1, 2, 0)
+        _retry(lambda: self.client.log_image(self.run_id, image, artifact_file=name), "log image")
+
+    def log_dict(self, d: dict, name: str) -> None:
+        _retry(lambda: self.client.log_dict(self.run_id, d, name), "log dict")
+
+    def set_tags(self, tags: dict) -> None:
+        _set_tags(self.client, self.run_id, tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Flush queued metrics (raises if the store stays unreachable) and terminate the run."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"status={status!r}: use FINISHED, FAILED or KILLED")
+        self._flush(attempts=12)
+        _retry(lambda: self.client.set_terminated(self.run_id, status), "end run")
+
+    def __enter__(self) -> "MemberRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+
+__all__ = ["tracking_uri", "get_experiment_id", "flatten", "ensure_sweep_run", "finish_sweep_run", "MemberRun"]
