@@ -132,3 +132,16 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
     # a third start trains nothing: the run is finished
     p = run_train(b, "stage=tokenizer")
     assert "already finished" in p.stderr + p.stdout
+
+
+def test_bf16_and_gradient_accumulation_run(root):
+    run_train(root, "stage=tokenizer", "trainer.tokenizer.steps=2", "trainer.tokenizer.grad_accum=2",
+              "trainer.tokenizer.precision=bf16")
+    st = json.loads((_tok_run_dir(root) / "status.json").read_text())
+    assert st["state"] == "finished" and st["step"] == 2 and np.isfinite(st["metrics"]["eval/psnr"])
+
+
+def test_lr_step_decay():
+    from magvit2.stages.tokenizer import _step_decay
+    f = _step_decay([10, 5])
+    assert [f(s) for s in (0, 4, 5, 9, 10, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
