@@ -58,6 +58,17 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
     imgs = sample_images(model, tokenizer, labels[mine], s, list(cfg.factorization.bits), s.seed + acc.process_index,
                          s.batch_size, acc.device, show=ctx.is_main)
+    inception = M.inception_for_fid(cfg.metrics.inception_weights)
+    res = {"eval/n_samples": float(len(labels))}
+    if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
+        gm = M.GenerationMetrics(inception, device=acc.device)
+        val = build_dataset(cfg.data, "val", cfg.seed)
+        mine_val = list(range(acc.process_index, len(val), acc.num_processes))
+        for i in range(0, len(mine_val), 64):
+            gm.update_real(torch.stack([val[j][0] for j in mine_val[i:i + 64]]).to(acc.device))
+        for i in range(0, len(imgs), 64):
+            gm.update_fake(imgs[i:i + 64].to(acc.device))
+        out = gm.compute()
     gathered = acc.gather(imgs.to(acc.device)).cpu()
     if not ctx.is_main:
         return {}
@@ -67,23 +78,15 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     images[order] = gathered[:len(labels)]
     grid = save_sample_grid(images, s.per_class, ctx.run_dir / "samples.png")
     ctx.tracker.log_artifact(str(grid))
-    res = {"eval/n_samples": float(len(images))}
     if s.export_npz:
         npz = ctx.run_dir / "samples.npz"
         M.export_adm_npz(as_numpy_uint8(images), npz)
         ctx.tracker.set_tags({"magvit2.samples_npz": str(npz)})
-    inception = M.inception_for_fid(cfg.metrics.inception_weights)
     if isinstance(inception, M.Missing):
         for k in ("eval/fid", "eval/is"):
             ctx.tracker.log_missing(k, inception.reason)
         return res
-    gm = M.GenerationMetrics(inception, device=acc.device)
-    val = build_dataset(cfg.data, "val", cfg.seed)
-    for i in range(0, len(val), 64):
-        gm.update_real(torch.stack([val[j][0] for j in range(i, min(i + 64, len(val)))]).to(acc.device))
-    for i in range(0, len(images), 64):
-        gm.update_fake(images[i:i + 64].to(acc.device))
-    for k, v in gm.compute().items():
+    for k, v in out.items():
         if isinstance(v, M.Missing):
             ctx.tracker.log_missing(f"eval/{k}", v.reason)
         else:

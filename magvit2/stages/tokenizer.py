@@ -159,10 +159,10 @@ def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool
     ds = build_dataset(cfg.data, "val", cfg.seed)
     idx = list(range(acc.process_index, len(ds), acc.num_processes))
     loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=32, num_workers=cfg.data.num_workers)
-    inception = M.inception_for_fid(cfg.metrics.inception_weights) if ctx.is_main else None
-    lp = lpips_model if not isinstance(lpips_model, M.Missing) else lpips_model
-    rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lp, inception=inception,
-                                 device=acc.device) if ctx.is_main else None
+    # every rank accumulates its shard; torchmetrics all-reduces the states in compute() (called on all ranks)
+    inception = M.inception_for_fid(cfg.metrics.inception_weights)
+    rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lpips_model, inception=inception,
+                                 device=acc.device)
     first = None
     was_training = raw.training
     raw.eval()
@@ -172,15 +172,13 @@ def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool
             with acc.autocast():
                 x_rec, q = raw(x)
             x_rec = x_rec.float().clamp(-1, 1)
-            xs, rs, ids = acc.gather((x, x_rec, q.indices))
-            if rm is not None:
-                rm.update(xs, rs, ids)
-                if first is None:
-                    first = (xs[:8].cpu(), rs[:8].cpu())
+            rm.update(x, x_rec, q.indices)
+            if first is None:
+                first = (x[:8].cpu(), x_rec[:8].cpu())
     raw.train(was_training)
-    if rm is None:
-        return {}
     out = rm.compute()
+    if not ctx.is_main:
+        return {}
     res = {}
     for k, v in out.items():
         if isinstance(v, M.Missing):

@@ -1,0 +1,59 @@
+"""Two CPU processes (gloo, torchrun) give the loss curve of one process with the same global batch.
+
+Conditions, stated rather than hidden: dropout off (each rank draws its own masks), and for the tokenizer the GAN
+off (BatchNorm in the PatchGAN normalizes each rank's half batch; SyncBatchNorm has no CPU kernel). The LFQ
+codebook entropy is all-reduced, so the tokenizer's quantizer loss is the global one on both sides.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import train_cmd
+
+NO_DROPOUT = ["model.embed_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0", "model.class_dropout=0"]
+
+
+def _run(root, *ov, procs: int):
+    cmd = train_cmd(root, *ov)
+    if procs > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + cmd[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+
+def _curve(root, stage: str, key: str) -> list[float]:
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name(f"magvit2-{stage}")
+    (run,) = client.search_runs([exp.experiment_id])
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000"]
+    _run(one, *tok, procs=1)
+    _run(two, *tok, procs=2)
+    for key in ("train/loss", "train/rec_l1", "train/entropy_codebook"):
+        a, b = _curve(one, "tokenizer", key), _curve(two, "tokenizer", key)
+        assert len(a) == len(b) == 6
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
+
+    # AR on the same (1-process) tokenizer: copy its run dir so both sides read identical tokens
+    shutil.rmtree(two / "runs"), shutil.copytree(one / "runs", two / "runs")
+    _run(one, *tok[1:], *NO_DROPOUT, procs=1)
+    _run(two, *tok[1:], *NO_DROPOUT, procs=2)
+    for key in ("train/loss", "train/loss_1", "train/loss_2"):
+        a, b = _curve(one, "ar", key), _curve(two, "ar", key)
+        assert len(a) == len(b) == 6
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
