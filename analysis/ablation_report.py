@@ -1,0 +1,86 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # magvit2 ablation report
+#
+# Tables and plots of the member runs of one sweep (or experiment), read from MLflow. Executed headless by
+# `python -m magvit2.report --sweep ID`, which fills the parameters below; open it in Jupyter to explore further.
+
+# %% tags=["parameters"]
+sweep = None
+experiment = None
+tracking_uri = None
+out_dir = "report"
+
+# %%
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notebook bar; no widgets needed here
+
+from IPython.display import Image, Markdown, display
+
+from magvit2.analysis import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
+                              resolve_uri, to_markdown, tokenizer_table)
+
+out = Path(out_dir)
+out.mkdir(parents=True, exist_ok=True)
+df = load_runs(sweep=sweep, experiment=experiment, tracking_uri=tracking_uri)
+if df.empty:
+    raise ValueError(f"no member runs for sweep={sweep!r} experiment={experiment!r} in {resolve_uri(tracking_uri)}")
+print(f"{len(df)} runs from {resolve_uri(tracking_uri)}")
+print(f"kernel python: {sys.executable}")
+df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
+
+# %% [markdown]
+# ## Tables
+# A dash is a metric that was not logged; its footnote gives the reason recorded with the run.
+
+# %%
+sections = []
+tok = df[df["stage"] == "tokenizer"]
+ar = df[df["stage"] == "ar"]
+if len(tok):
+    sections.append("### Tokenizers (reconstruction, codebook)\n\n" + to_markdown(tokenizer_table(tok)))
+if len(ar):
+    sections.append("### Autoregressive generators (factorization x model)\n\n" + to_markdown(ar_table(ar)))
+tables_md = "\n".join(sections)
+(out / "tables.md").write_text(tables_md)
+display(Markdown(tables_md))
+
+# %% [markdown]
+# ## Plots
+
+# %%
+pngs = []
+
+
+def slug(key):
+    return key.replace("/", "_")
+
+
+if len(ar):
+    for metric in ("eval/fid", "eval/is", "val/loss"):
+        pngs.append(out / f"scaling_{slug(metric)}.png")
+        plot_scaling(ar, metric, pngs[-1])
+    hist = load_history(ar["run_id"], ["train/loss", "val/loss", "val/loss_*"], tracking_uri)
+    for key in sorted(hist["key"].unique()):
+        pngs.append(out / f"curve_{slug(key)}.png")
+        plot_curves(hist, key, pngs[-1])
+if len(tok):
+    hist = load_history(tok["run_id"], ["eval/utilization", "train/loss", "eval/rfid"], tracking_uri)
+    pngs.append(out / "utilization.png")
+    plot_utilization(hist, pngs[-1])
+    for key in ("train/loss", "eval/rfid"):
+        pngs.append(out / f"curve_tokenizer_{slug(key)}.png")
+        plot_curves(hist, key, pngs[-1])
+for p in pngs:
+    display(Markdown(f"**{p.name}**"), Image(filename=str(p)))

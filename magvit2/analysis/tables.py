@@ -1,0 +1,92 @@
+"""Ablation tables from `load_runs` frames, and a Markdown renderer that shows missing values as missing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR": "eval/psnr", "SSIM": "eval/ssim", "LPIPS": "eval/lpips",
+                     "utilization": "eval/utilization", "perplexity": "eval/perplexity"}
+AR_COLUMNS = {"FID": "eval/fid", "IS": "eval/is", "val loss": "val/loss"}  # + "val loss k" per sub-token, params
+MISSING = "—"
+
+
+def _stage(df: pd.DataFrame, stage: str) -> pd.DataFrame:
+    return df[df["stage"] == stage] if "stage" in df else df
+
+
+def _table(df: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
+    """Rows keyed by `keys` (+ any other config choice that varies, + run_name if rows still collide)."""
+    levels = [k for k in keys if k in df and df[k].notna().any()]
+    levels += [c for c in df.columns if c.startswith("choice.") and c[len("choice."):] not in keys
+               and df[c].astype(str).nunique() > 1]
+    if not levels or df.duplicated(levels).any():
+        levels.append("run_name")
+    out = pd.DataFrame({name: (pd.to_numeric(df[col], errors="coerce") if col in df else np.nan)
+                        for name, col in columns.items()}, index=df.index)
+    reasons = {}
+    missing_text = []
+    for i, miss in zip(df.index, df["missing"] if "missing" in df else [{}] * len(df)):
+        row = {name: miss[col] for name, col in columns.items() if isinstance(miss, dict) and col in miss}
+        reasons.update({(i, name): why for name, why in row.items()})
+        missing_text.append("; ".join(f"{name}: {why}" for name, why in row.items()))
+    out["missing"] = missing_text
+    index = df[levels].rename(columns=lambda c: c[len("choice."):] if c.startswith("choice.") else c)
+    pos = {i: tuple(index.loc[i]) for i in df.index}
+    out.index = pd.MultiIndex.from_frame(index) if len(levels) > 1 else pd.Index(index.iloc[:, 0])
+    out = out.sort_index()
+    # (row key, column) -> reason, for the Markdown footnotes (attrs survive the sort above)
+    out.attrs["missing"] = {(pos[i] if len(levels) > 1 else pos[i][0], name): why for (i, name), why in reasons.items()}
+    return out
+
+
+def tokenizer_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows tokenizer x quantizer; columns rFID, PSNR, SSIM, LPIPS, utilization, perplexity, missing (reasons)."""
+    sub = _stage(df, "tokenizer")
+    return _table(sub.assign(tokenizer=sub.get("choice.tokenizer"), quantizer=sub.get("choice.quantizer")),
+                  ["tokenizer", "quantizer"], TOKENIZER_COLUMNS)
+
+
+def ar_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows factorization x model; columns FID, IS, val loss, val loss 1..M (per sub-token), params, missing."""
+    sub = _stage(df, "ar")
+    subs = sorted((int(c.rsplit("_", 1)[1]) for c in sub.columns
+                   if c.startswith("val/loss_") and c.rsplit("_", 1)[1].isdigit()))
+    cols = {**AR_COLUMNS, **{f"val loss {k}": f"val/loss_{k}" for k in subs}, "params": "derived.params"}
+    return _table(sub, ["factorization", "model"], cols)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return MISSING
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    if isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer()
+                                            and abs(v) >= 1e4):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.4g}"
+    return str(v)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Pipe table; a NaN cell renders as "—", with a footnote giving the reason when one was logged."""
+    reasons = table.attrs.get("missing", {})
+    names = [n or "" for n in table.index.names]
+    cols = [c for c in table.columns if c != "missing"]
+    lines = ["| " + " | ".join(names + cols) + " |", "|" + "---|" * (len(names) + len(cols))]
+    notes: list[str] = []
+    for key, row in table.iterrows():
+        keys = list(key) if isinstance(key, tuple) else [key]
+        cells = [str(k) for k in keys]
+        for c in cols:
+            text = _fmt(row[c])
+            why = reasons.get((key, c))
+            if text == MISSING and why:
+                notes.append(f"[^{len(notes) + 1}]: {c} of {'/'.join(map(str, keys))}: {why}")
+                text += f"[^{len(notes)}]"
+            cells.append(text.replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -1,0 +1,217 @@
+"""magvit2.analysis + magvit2.report on a synthetic 2x2 AR sweep logged with MemberRun to a real sqlite store."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow_server import fresh_sqlite
+
+from magvit2 import tracking
+from magvit2.analysis import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
+                              to_markdown, tokenizer_table)
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = "2024-05-01_12-00-00"
+PARAMS = {"tiny": 1_234_567, "B": 343_600_000}
+# (factorization, model) -> final metrics; FID of k9_9-B is missing with a reason
+FINAL = {
+    ("k6_12", "tiny"): {"eval/fid": 41.5, "eval/is": 20.25, "val/loss": 7.5, "val/loss_1": 2.5, "val/loss_2": 5.0},
+    ("k6_12", "B"): {"eval/fid": 12.25, "eval/is": 80.5, "val/loss": 6.25, "val/loss_1": 2.0, "val/loss_2": 4.25},
+    ("k9_9", "tiny"): {"eval/fid": 45.75, "eval/is": 18.0, "val/loss": 8.5, "val/loss_1": 4.5, "val/loss_2": 4.0},
+    ("k9_9", "B"): {"eval/is": 70.125, "val/loss": 7.0, "val/loss_1": 3.5, "val/loss_2": 3.5},
+}
+MISSING_REASON = "no Inception weights at metrics.inception_path"
+# tokenizer runs: quantizer -> final metrics, utilization history (VQ collapses); rFID missing for both
+TOK = {"lfq": {"eval/psnr": 21.5, "eval/ssim": 0.625, "eval/lpips": 0.125, "eval/perplexity": 250000.0},
+       "vq": {"eval/psnr": 19.25, "eval/ssim": 0.5, "eval/lpips": 0.25, "eval/perplexity": 900.5}}
+UTIL = {"lfq": [1.0, 1.0, 1.0], "vq": [0.5, 0.25, 0.125]}
+
+
+def _bits(fac: str) -> list[int]:
+    return [18] if fac == "none" else [int(b) for b in fac[1:].split("_")]
+
+
+def _log_member(root: Path, fac: str, model: str, sweep: str, final: dict, steps: int = 5) -> str:
+    m = tracking.MemberRun("magvit2-ar", str(root), "ar", f"sig-{fac}-{model}", f"{fac}-{model}",
+                           {"magvit2.overrides": f"factorization={fac} model={model}"}, sweep)
+    cfg = {"stage": "ar", "factorization": {"bits": _bits(fac)}, "model": {"dim": 64 if model == "tiny" else 1024},
+           "trainer": {"compile": model == "B", "lr": 3e-4},
+           "derived": {"params": PARAMS.get(model, 1), "bits": "-".join(map(str, _bits(fac)))},
+           "choice": {"factorization": fac, "model": model}}
+    m.log_params(tracking.flatten(cfg))
+    for s in range(steps):  # histories end at the final values
+        m.log_metrics({k: v + (steps - 1 - s) for k, v in final.items() if k.startswith("val/")}, step=10 * s)
+    m.log_metrics({k: v for k, v in final.items() if k.startswith("eval/")}, step=10 * (steps - 1))
+    if "eval/fid" not in final:
+        m.log_missing("eval/fid", MISSING_REASON)
+    m.end()
+    return m.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report") / "outputs"
+    uri = fresh_sqlite(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        sweep_run = tracking.ensure_sweep_run("magvit2-ar", str(root), SWEEP, "ar", "factorization=k6_12,k9_9 "
+                                              "model=tiny,B", 4)
+        ids = {}
+        for key in [("k9_9", "B"), ("k6_12", "tiny"), ("k9_9", "tiny"), ("k6_12", "B")]:  # not in table order
+            ids[key] = _log_member(root, *key, SWEEP, FINAL[key])
+        tracking.finish_sweep_run(sweep_run)
+        # another sweep whose factorizations must sort by M, then bits
+        for fac in ["k3_6_9", "k12_6", "none", "k6_12"]:
+            _log_member(root, fac, "L", "order", {"val/loss": 1.0}, steps=1)
+        tok = {}
+        for q in ("vq", "lfq"):
+            m = tracking.MemberRun("magvit2-tokenizer", str(root), "tokenizer", f"tok-{q}", f"tiny-{q}", {}, "tok")
+            m.log_params(tracking.flatten({"choice": {"tokenizer": "tiny", "quantizer": q}, "quantizer": {"K": 18}}))
+            for s, u in enumerate(UTIL[q]):
+                m.log_metrics({"eval/utilization": u, "train/loss": 1.0 / (s + 1)}, step=100 * s)
+            m.log_metrics(TOK[q], step=200)
+            m.log_missing("eval/rfid", f"no Inception weights ({q})")
+            m.end()
+            tok[q] = m.run_id
+        yield {"root": root, "uri": uri, "ids": ids, "sweep_run": sweep_run, "tok": tok}
+
+
+def test_load_runs_types_and_order(store):
+    df = load_runs(sweep=SWEEP, tracking_uri=store["uri"])
+    assert len(df) == 4 and set(df["run_id"]) == set(store["ids"].values())
+    assert list(df["factorization"].cat.categories) == ["k6_12", "k9_9"] and df["factorization"].cat.ordered
+    assert list(df["model"].cat.categories) == ["tiny", "B"] and df["model"].cat.ordered
+    assert list(zip(df["factorization"], df["model"])) == [("k6_12", "tiny"), ("k6_12", "B"), ("k9_9", "tiny"),
+                                                           ("k9_9", "B")]
+    assert (df["stage"] == "ar").all() and (df["sweep_id"] == SWEEP).all() and (df["status"] == "FINISHED").all()
+    assert (df["parent_run_id"] == store["sweep_run"]).all()
+    assert df["derived.params"].dtype == "int64" and df["model.dim"].dtype == "int64"
+    assert df["trainer.lr"].dtype == "float64" and df["trainer.compile"].dtype == "boolean"
+    assert df["factorization.bits"].tolist() == ["[6, 12]", "[6, 12]", "[9, 9]", "[9, 9]"]
+    for (fac, model), final in FINAL.items():
+        row = df[(df["factorization"] == fac) & (df["model"] == model)].iloc[0]
+        assert row["run_name"] == f"{fac}-{model}" and row["signature"] == f"sig-{fac}-{model}"
+        for k in ("eval/fid", "eval/is", "val/loss", "val/loss_1", "val/loss_2"):
+            assert (row[k] == final[k]) if k in final else pd.isna(row[k]), (fac, model, k)
+        assert row["missing"] == ({} if "eval/fid" in final else {"eval/fid": MISSING_REASON})
+    assert df["eval/fid"].dtype == "float64"
+
+
+def test_factorization_order_by_m_then_bits(store):
+    df = load_runs(sweep="order", tracking_uri=store["uri"])
+    assert list(df["factorization"].cat.categories) == ["none", "k6_12", "k12_6", "k3_6_9"]
+    with pytest.raises(ValueError, match="experiment='nope'"):
+        load_runs(experiment="nope", tracking_uri=store["uri"])
+    assert len(load_runs(experiment="magvit2-ar", tracking_uri=store["uri"])) == 8
+
+
+def test_history_and_plots(store, tmp_path):
+    ids = list(store["ids"].values())
+    h = load_history(ids, ["val/loss*"], tracking_uri=store["uri"])
+    assert set(h["key"]) == {"val/loss", "val/loss_1", "val/loss_2"}
+    assert len(h) == 4 * 3 * 5
+    one = h[(h["run_id"] == store["ids"][("k6_12", "B")]) & (h["key"] == "val/loss")]
+    assert one["step"].tolist() == [0, 10, 20, 30, 40] and one["value"].tolist() == [10.25, 9.25, 8.25, 7.25, 6.25]
+    df = load_runs(sweep=SWEEP, tracking_uri=store["uri"])
+    fig = plot_scaling(df, "eval/fid", tmp_path / "s.png")
+    lines = fig.axes[0].get_lines()
+    assert sorted(len(l.get_xdata()) for l in lines) == [1, 2]  # k9_9 has only the tiny point (B's FID missing)
+    plot_curves(h, "val/loss", tmp_path / "c.png")
+    assert (tmp_path / "s.png").stat().st_size > 5000 and (tmp_path / "c.png").stat().st_size > 5000
+
+
+def test_ar_table_markdown(store):
+    t = ar_table(load_runs(sweep=SWEEP, tracking_uri=store["uri"]))
+    assert list(t.columns) == ["FID", "IS", "val loss", "val loss 1", "val loss 2", "params", "missing"]
+    assert t.loc[("k9_9", "B"), "missing"] == f"FID: {MISSING_REASON}"
+    md = to_markdown(t)
+    assert "| k9_9 | B | —[^1] | 70.12 |" in md and f"[^1]: FID of k9_9/B: {MISSING_REASON}" in md
+
+
+def test_tokenizer_table_and_utilization(store, tmp_path):
+    df = load_runs(sweep="tok", tracking_uri=store["uri"])
+    assert df["stage"].tolist() == ["tokenizer"] * 2 and df["experiment"].tolist() == ["magvit2-tokenizer"] * 2
+    t = tokenizer_table(df)
+    assert list(t.index) == [("tiny", "lfq"), ("tiny", "vq")] and list(t.index.names) == ["tokenizer", "quantizer"]
+    assert list(t.columns) == ["rFID", "PSNR", "SSIM", "LPIPS", "utilization", "perplexity", "missing"]
+    assert t["rFID"].isna().all() and t.loc[("tiny", "vq"), "missing"] == "rFID: no Inception weights (vq)"
+    assert t.loc[("tiny", "vq"), "utilization"] == 0.125 and t.loc[("tiny", "lfq"), "PSNR"] == 21.5
+    md = to_markdown(t)
+    assert "| tiny | vq | —[^2] | 19.25 | 0.5 | 0.25 | 0.125 | 900.5 |" in md
+    assert "| tiny | lfq | —[^1] | 21.5 | 0.625 | 0.125 | 1 | 250,000 |" in md
+    h = load_history(df["run_id"], "eval/utilization", tracking_uri=store["uri"])
+    fig = plot_utilization(h, tmp_path / "u.png")
+    ys = {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
+    assert ys == {"tiny-lfq": UTIL["lfq"], "tiny-vq": UTIL["vq"]}
+    assert (tmp_path / "u.png").stat().st_size > 5000
+
+
+def _table_rows(md: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    lines = md.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+    header = [c.strip() for c in lines[i].strip("|").split("|")]
+    rows = []
+    for l in lines[i + 2:]:
+        if not l.startswith("|"):
+            break
+        rows.append([c.strip() for c in l.strip().strip("|").split("|")])
+    return header, rows
+
+
+@pytest.mark.slow
+def test_report_cli(store, tmp_path):
+    out = tmp_path / "rep"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "magvit2.report", "--sweep", SWEEP, "--out", str(out),
+                        "--tracking-uri", store["uri"]], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(f"report CLI took {took:.1f} s")
+    md = (out / "report.md").read_text()
+    header, rows = _table_rows(md, "| factorization | model |")
+    assert header == ["factorization", "model", "FID", "IS", "val loss", "val loss 1", "val loss 2", "params"]
+    expect = []
+    for (fac, model), f in FINAL.items():
+        fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "—[^1]"
+        expect.append([fac, model, fid, f"{f['eval/is']:.4g}", f"{f['val/loss']:g}", f"{f['val/loss_1']:g}",
+                       f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
+    assert rows == expect
+    assert f"[^1]: FID of k9_9/B: {MISSING_REASON}" in md
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert {"scaling_eval_fid.png", "curve_val_loss.png", "curve_val_loss_2.png"} <= set(pngs)
+    for p in pngs:
+        assert (out / p).stat().st_size > 5000, p
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and "k9_9" in html and "data:image/png;base64" in html
+    nb = (out / "report.ipynb").read_text()
+    assert f"kernel python: {sys.executable}" in nb  # papermill ran this interpreter, not some global kernel
+
+
+@pytest.mark.slow
+def test_report_cli_tokenizer_experiment(store, tmp_path):
+    out = tmp_path / "tok"
+    r = subprocess.run([sys.executable, "-m", "magvit2.report", "--experiment", "magvit2-tokenizer", "--out",
+                        str(out), "--tracking-uri", store["uri"]], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    header, rows = _table_rows(md, "| tokenizer | quantizer |")
+    assert header == ["tokenizer", "quantizer", "rFID", "PSNR", "SSIM", "LPIPS", "utilization", "perplexity"]
+    assert [r[:3] for r in rows] == [["tiny", "lfq", "—[^1]"], ["tiny", "vq", "—[^2]"]]
+    assert "[^2]: rFID of tiny/vq: no Inception weights (vq)" in md and "Autoregressive" not in md
+    assert (out / "utilization.png").stat().st_size > 5000 and "(utilization.png)" in md
+
+
+def test_report_no_runs_is_an_error(store, tmp_path, capsys):
+    from magvit2.report import main
+
+    rc = main(["--sweep", "no-such-sweep", "--out", str(tmp_path / "r"), "--tracking-uri", store["uri"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no member runs match sweep='no-such-sweep'" in err and SWEEP in err
+    assert not (tmp_path / "r").exists()
