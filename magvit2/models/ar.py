@@ -24,6 +24,19 @@ from .llama import Block, KVCache, RMSNorm, block_params, ffn_hidden, rope_table
 from .sampling import check_sampling_args, guide, per_subtoken, sample
 
 
+def subtoken_loss(logits: list[Tensor], sub: Tensor) -> tuple[Tensor, dict]:
+    """Sum over sub-tokens of the mean cross-entropy; loss_j / acc_j (j from 1), detached. A function, so a training
+    loop can apply it to the output of a DDP-wrapped model (whose forward syncs the gradients)."""
+    total, logs = 0.0, {}
+    for j, lg in enumerate(logits):
+        target = sub[..., j]
+        ce = F.cross_entropy(lg.flatten(0, 1).float(), target.flatten())
+        total = total + ce
+        logs[f"loss_{j + 1}"] = ce.detach()
+        logs[f"acc_{j + 1}"] = (lg.detach().argmax(-1) == target).float().mean()
+    return total, logs
+
+
 @dataclass
 class ARConfig:
     bits: tuple[int, ...] = (6, 12)
@@ -173,15 +186,7 @@ class FactorizedAR(nn.Module):
 
     def loss(self, sub: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         """Sum over sub-tokens of the mean cross-entropy; logs loss_j / acc_j (j from 1), detached."""
-        logits = self(sub, labels)
-        total, logs = 0.0, {}
-        for j, lg in enumerate(logits):
-            target = sub[..., j]
-            ce = F.cross_entropy(lg.flatten(0, 1).float(), target.flatten())
-            total = total + ce
-            logs[f"loss_{j + 1}"] = ce.detach()
-            logs[f"acc_{j + 1}"] = (lg.detach().argmax(-1) == target).float().mean()
-        return total, logs
+        return subtoken_loss(self(sub, labels), sub)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
     def _inter_step(self, x: Tensor, t: int, caches: list[KVCache] | None) -> Tensor:

@@ -3,7 +3,6 @@ prediction, trained on token shards of the frozen tokenizer; sampling and FID/IS
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
@@ -11,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from magvit2.data import tokens as T
 from magvit2.data.sampler import GlobalBatchSampler
-from magvit2.models.ar import ARConfig, FactorizedAR
+from magvit2.models.ar import ARConfig, FactorizedAR, subtoken_loss
 from magvit2.quantizers import split_indices
 from magvit2.stages.common import RunContext
 from magvit2.stages.generate import evaluate_generation
@@ -157,19 +156,3 @@ def validate(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
     out = acc.reduce(out, "sum")
     total = max(float(out[-1]), 1.0)
     return {f"val/{k}": float(v) / total for k, v in zip(sorted(sums), out[:-1])} if sums else {}
-
-
-def subtoken_loss(logits: list, sub: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Sum over sub-tokens of the cross-entropy (computed from the wrapped model's output so DDP syncs grads)."""
-    total, stats = 0.0, {}
-    for j, lg in enumerate(logits):
-        target = sub[..., j]
-        ce = torch.nn.functional.cross_entropy(lg.float().flatten(0, 1), target.flatten())
-        total = total + ce
-        stats[f"loss_{j + 1}"] = ce.detach()
-        stats[f"acc_{j + 1}"] = (lg.argmax(-1) == target).float().mean()
-    return total, stats
-
-
-def uniform_loss(bits) -> float:
-    return sum(b * math.log(2) for b in bits)
