@@ -21,8 +21,8 @@ def _value(i: int, step: int, j: int) -> float:
     return i * 10_000 + step * 10 + j + 0.5  # exact in binary: equality checks are safe
 
 
-def _member(i: int, url: str, root: str, sweep: str, steps: int, pause_s: float) -> str:
-    os.environ["MLFLOW_TRACKING_URI"] = url  # what the launcher exports to every job
+def _member(i: int, url: str, root: str, sweep: str, steps: int, pause_s: float, env: dict) -> str:
+    os.environ.update({"MLFLOW_TRACKING_URI": url, **env})  # what the launcher exports to every job
     m = MemberRun(EXP, root, "ar", f"sig{i}", f"member-{i}", {"magvit2.overrides": f"member={i}"}, sweep)
     m.log_params({"member": str(i), "model.dim": "64"})
     for s in range(steps):
@@ -32,12 +32,12 @@ def _member(i: int, url: str, root: str, sweep: str, steps: int, pause_s: float)
     return m.run_id
 
 
-def _run_members(url, root, sweep, n, steps, pause_s=0.0):
+def _run_members(url, root, sweep, n, steps, pause_s=0.0, env=None):
     """Start n member processes; returns (pool, async result). Close the pool with pool.close(); pool.join()."""
     ctx = mp.get_context("forkserver")  # children start clean (no inherited sockets/threads) but share imports
     ctx.set_forkserver_preload(["magvit2.tracking"])
     pool = ctx.Pool(n)
-    return pool, pool.starmap_async(_member, [(i, url, root, sweep, steps, pause_s) for i in range(n)])
+    return pool, pool.starmap_async(_member, [(i, url, root, sweep, steps, pause_s, env or {}) for i in range(n)])
 
 
 def _check_all_there(url, sweep_run, run_ids, steps):
@@ -74,11 +74,13 @@ def test_eight_members_lose_no_metric(mlflow_server, tmp_path):
 
 @pytest.mark.slow
 def test_members_survive_a_server_restart(tmp_path):
-    """The server goes down mid-sweep and comes back on the same port: members retry; nothing is lost."""
+    """The server goes down mid-sweep and comes back on the same port: members retry; nothing is lost.
+    MLflow's own HTTP retries are switched off, so it is tracking.py's retry/queue that has to bridge the gap."""
     n, steps = 4, 40
     with MlflowServer(tmp_path / "srv") as srv:
         sweep_run = ensure_sweep_run(EXP, str(tmp_path), "restart", "ar", "", n, uri=srv.url)
-        pool, res = _run_members(srv.url, str(tmp_path), "restart", n, steps, pause_s=0.1)
+        pool, res = _run_members(srv.url, str(tmp_path), "restart", n, steps, pause_s=0.1,
+                                 env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         client = MlflowClient(srv.url)
         exp = client.get_experiment_by_name(EXP).experiment_id
         deadline = time.monotonic() + 120
