@@ -127,7 +127,8 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
         "inception" in run.data.tags["magvit2.missing.eval/rfid"].lower()
     assert run.data.params["tokenizer.ch"] == "16" and run.data.params["choice.quantizer"] == "lfq"
     arts = {f.path for f in client.list_artifacts(first_run)}
-    assert "recon_grid.png" in arts and "config.yaml" in arts
+    assert {"recon_grid.png", "config.yaml", "eval.json"} <= arts
+    assert run.data.tags["magvit2.checkpoint"] == str(rd / "checkpoint.pt")
 
     # a third start trains nothing: the run is finished
     p = run_train(b, "stage=tokenizer")

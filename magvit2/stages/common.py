@@ -162,6 +162,9 @@ class RunContext:
             clean = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             state.write_status(self.run_dir, state="finished", step=step, metrics=clean)
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            if self.tracker is not None:  # the final eval table; the checkpoint is referenced, not copied
+                self.tracker.log_dict(results, "eval.json")
+                self.tracker.set_tags({"magvit2.checkpoint": str(self.ckpt_path)})
             self.close("FINISHED")
         self.preempt.uninstall()
         self.acc.wait_for_everyone()
