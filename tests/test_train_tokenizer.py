@@ -146,3 +146,13 @@ def test_lr_step_decay():
     from magvit2.stages.tokenizer import _step_decay
     f = _step_decay([10, 5])
     assert [f(s) for s in (0, 4, 5, 9, 10, 100)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_imagefolder_without_val_splits_without_overlap(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((20, 20, 3), i, np.uint8)).save(tmp_path / "train" / c / f"{i}.png")
+    tr = ImageFolder(str(tmp_path), 16, "train", val_fraction=0.2)
+    va = ImageFolder(str(tmp_path), 16, "val", val_fraction=0.2)
+    assert len(tr) == 16 and len(va) == 4 and not set(tr.items) & set(va.items)

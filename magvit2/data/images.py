@@ -87,10 +87,10 @@ class ImageFolder(Dataset):
         if not root.is_dir():
             raise ConfigError(f"data.path={path} does not exist or is not a folder: point it at an image folder "
                              f"(ImageNet layout: <path>/train/<class>/*.JPEG)")
-        has_split = (root / "train").is_dir()
-        folder = root / split if has_split and (root / split).is_dir() else (root / "train" if has_split else root)
+        has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
+        folder = root / "val" if split == "val" and has_val else (root / "train" if has_train else root)
         classes, items = _scan(folder)
-        if not has_split or not (root / "val").is_dir() and split == "val":
+        if not has_val:  # one folder for both splits: every k-th image is val, the rest train (no overlap)
             k = max(1, int(round(1 / max(val_fraction, 1e-9))))
             items = [it for j, it in enumerate(items) if (j % k == 0) == (split == "val")]
         if not items:
