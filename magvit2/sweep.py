@@ -1,13 +1,16 @@
-"""`python -m magvit2.sweep status <sweep id | sweep dir> [--root outputs] [--tail N --member I]`
+"""`python -m magvit2.sweep status <sweep id | sweep dir> [--root outputs] [--wait] [--tail N --member I]`
 
 Reconnects to a sweep (also one submitted with hydra.launcher.detach=true): a table of its members with state,
-step, last metrics, SLURM job id and run dir, read from the run dirs; --tail prints the end of a member's job log.
+step, last metrics, SLURM job id and run dir, read from the run dirs and the SLURM queue; --wait polls until every
+member finished or failed; --tail prints the end of a member's job log. Once every member has ended, the sweep's
+MLflow parent run is closed (FINISHED, or FAILED if a member did not finish): a detached sweep has no other owner.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from magvit2.launch import state
@@ -37,31 +40,61 @@ def member_log(row: dict, root: Path) -> Path | None:
     return max(logs, key=os.path.getmtime) if logs else None
 
 
+def close_parent_run(sweep_dir: Path, rows: list[dict]) -> str | None:
+    """FINISHED/FAILED on the sweep's MLflow parent run once no member can change any more; returns the status."""
+    doc = state.read_json(sweep_dir / "sweep.json", {})
+    if not doc.get("parent_run_id") or not doc.get("tracking_uri") or any(
+            r["state"] not in state.ENDED for r in rows):
+        return None
+    from mlflow import MlflowClient
+    client = MlflowClient(doc["tracking_uri"])
+    status = "FINISHED" if all(r["state"] == "finished" for r in rows) else "FAILED"
+    if client.get_run(doc["parent_run_id"]).info.status == "RUNNING":
+        client.set_terminated(doc["parent_run_id"], status)
+    return status
+
+
+def _counts(rows: list[dict]) -> str:
+    states = sorted({r["state"] for r in rows})
+    return "  ".join(f"{s}: {sum(r['state'] == s for r in rows)}" for s in states)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.sweep")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="member table of a sweep")
     st.add_argument("sweep", help="sweep id (or a unique prefix) or sweep dir")
     st.add_argument("--root", type=Path, default=Path(os.environ.get("MAGVIT2_ROOT", "outputs")))
+    st.add_argument("--wait", action="store_true", help="poll until every member finished or failed")
+    st.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --wait")
     st.add_argument("--tail", type=int, default=0, help="print the last N lines of a member's log")
     st.add_argument("--member", type=int, default=0, help="which member (# in the table) --tail reads")
     a = ap.parse_args(argv)
     sweep_dir = find_sweep(a.sweep, a.root)
     rows = state.refresh(sweep_dir)
+    if a.tail and not 0 <= a.member < len(rows):
+        print(f"error: --member {a.member} out of range (0..{len(rows) - 1})", file=sys.stderr)
+        return 2
+    last = None
+    while a.wait and any(r["state"] not in state.ENDED for r in rows):
+        if _counts(rows) != last:
+            last = _counts(rows)
+            print(f"[{time.strftime('%H:%M:%S')}] {last}", flush=True)
+        time.sleep(a.interval)
+        rows = state.refresh(sweep_dir)
     print(state.format_members(rows, title=f"sweep {sweep_dir.name}"))
-    counts = {s: sum(r["state"] == s for r in rows) for s in {r["state"] for r in rows}}
-    print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print(_counts(rows))
+    closed = close_parent_run(sweep_dir, rows)
+    if closed:
+        print(f"sweep ended: MLflow parent run {closed}")
     if a.tail:
-        if not 0 <= a.member < len(rows):
-            print(f"error: --member {a.member} out of range (0..{len(rows) - 1})", file=sys.stderr)
-            return 2
         log = member_log(rows[a.member], a.root)
         if log is None:
             print(f"(no log found for member #{a.member} yet)")
         else:
             print(f"--- {log} (last {a.tail} lines)")
             print("\n".join(log.read_text(errors="replace").splitlines()[-a.tail:]))
-    return 0
+    return 1 if a.wait and closed == "FAILED" else 0
 
 
 if __name__ == "__main__":

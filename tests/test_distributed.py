@@ -33,7 +33,7 @@ def _run(root, *ov, procs: int):
 def _curve(root, stage: str, key: str) -> list[float]:
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name(f"magvit2-{stage}")
-    (run,) = client.search_runs([exp.experiment_id])
+    (run,) = client.search_runs([exp.experiment_id], "tags.`magvit2.kind` = 'member'")  # not a sweep's parent
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 

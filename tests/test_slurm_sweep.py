@@ -1,5 +1,7 @@
 """Sweeps on the real local SLURM through `hydra/launcher=slurm`: every member finishes, logs and checkpoints;
-a second submission trains nothing; a preempted member resumes and ends with the uninterrupted weights."""
+a second submission trains nothing; a detached sweep is reconnected to by `magvit2.sweep status`; a member with two
+tasks is one process group; a preempted member (scontrol requeue, or the USR2 that submitit handles) resumes and ends
+with the uninterrupted weights."""
 from __future__ import annotations
 
 import json
@@ -9,9 +11,11 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 
 from conftest import assert_same_weights, load_ckpt, run_train, train_cmd
+from test_distributed import _curve
 from test_slurm_cluster import slurm_cluster  # noqa: F401  (starts the cluster)
 
 pytestmark = pytest.mark.slurm
@@ -42,6 +46,8 @@ def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
     out = subprocess.run([sys.executable, "-m", "magvit2.sweep", "status", sid, "--root", str(root)], capture_output=True,
                          text=True, check=True).stdout
     assert out.count("finished") >= 4 and "k9_9" in out and "n_intra=1" in out
+    parent = json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["parent_run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
 
     jobs_before = json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["jobs"]
     p2 = run_train(root, "factorization=k6_12,k9_9", "model.n_intra=0,1", *SLURM, multirun=True)
@@ -49,10 +55,69 @@ def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
     assert "submitted job" not in p2.stderr + p2.stdout  # the launcher logs every job it submits
     assert json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["jobs"] == jobs_before
     assert len(client.search_runs([exp.experiment_id])) == 5  # 1 parent + 4 members, nothing new
+    assert client.get_run(parent).info.status == "FINISHED"  # reopened by the resubmission, closed again
+
+
+def _sweep_status(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "magvit2.sweep", "status", *args, "--root", str(root)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_detached_sweep_returns_at_once_and_status_reconnects(root):
+    t0 = time.monotonic()
+    p = run_train(root, "stage=tokenizer", "quantizer=lfq,vq", *SLURM, "hydra.launcher.detach=true", multirun=True)
+    submit_s = time.monotonic() - t0
+    out = p.stdout + p.stderr
+    assert "submitted, not waiting" in out and "reconnect with: python -m magvit2.sweep status" in out, out[-3000:]
+    (sweep_dir,) = (root / "sweeps").iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert len(doc["jobs"]) == 2 and set(doc["jobs"]) == {m["run_dir"] for m in doc["members"]}
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert client.get_run(doc["parent_run_id"]).info.status == "RUNNING"  # nobody waits on it yet
+    # the jobs were submitted, not run: the queue still holds them (each trains for several seconds)
+    queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join({j.split("_")[0] for j in
+                            doc["jobs"].values()})], capture_output=True, text=True).stdout.split()
+    assert set(doc["jobs"].values()) & set(queue), (submit_s, queue)
+
+    s = _sweep_status(root, sweep_dir.name[:6], "--wait", "--interval", "1", "--tail", "5", "--member", "1")
+    assert s.returncode == 0, s.stdout + s.stderr
+    assert s.stdout.count("finished") >= 2 and "finished: 2" in s.stdout
+    assert "sweep ended: MLflow parent run FINISHED" in s.stdout
+    assert client.get_run(doc["parent_run_id"]).info.status == "FINISHED"
+    for jid in doc["jobs"].values():
+        assert jid in s.stdout
+    tail = s.stdout.split("(last 5 lines)")[1].strip().splitlines()
+    assert len(tail) == 5, s.stdout[-2000:]  # the end of member #1's job log
+    assert all(json.loads((Path(m["run_dir"]) / "status.json").read_text())["state"] == "finished"
+               for m in doc["members"])
+    assert _sweep_status(root, "nosuchsweep").returncode != 0
 
 
 @pytest.mark.slow
-def test_preempted_member_resumes_with_uninterrupted_result(tmp_path):
+def test_two_task_member_is_one_process_group(tmp_path):
+    """tasks_per_node=2: submitit's env export + accelerate make one gloo group, so the loss curve is the
+    1-process curve of the same global batch (GAN off: PatchGAN BatchNorm is per rank; see test_distributed)."""
+    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    one_thread = {"OMP_NUM_THREADS": "1"}  # --export=ALL passes it on; other thread counts sum in another order
+    run_train(one, *tok, env=one_thread)
+    run_train(two, *tok, *SLURM, "hydra.launcher.tasks_per_node=2", multirun=True, env=one_thread)
+    (st,) = _status(two, "tokenizer")
+    assert st["state"] == "finished" and st["world_size"] == 2, st
+    logs = "".join(p.read_text() for p in (two / "submitit").rglob("*_log.*"))
+    assert "global_rank=0(2)" in logs and "global_rank=1(2)" in logs
+    for key in ("train/loss", "train/rec_l1", "train/entropy_codebook"):
+        a, b = _curve(one, "tokenizer", key), _curve(two, "tokenizer", key)
+        assert len(a) == len(b) == 6
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["scontrol-requeue", "usr2"])
+def test_preempted_member_resumes_with_uninterrupted_result(tmp_path, how):
+    """scontrol-requeue: SLURM sends SIGTERM and requeues. usr2: the signal submitit asks SLURM to send before the
+    time limit; our checkpoint, then submitit's handler (launcher checkpoint(), scontrol requeue)."""
     long = ["stage=tokenizer", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=5"]
     ref_root, root = tmp_path / "ref", tmp_path / "slurm"
     ref_root.mkdir(), root.mkdir()
@@ -69,7 +134,10 @@ def test_preempted_member_resumes_with_uninterrupted_result(tmp_path):
     st = json.loads((rd / "status.json").read_text())
     assert st["state"] == "running", st
     job = st["slurm_job_id"]
-    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM now, the job runs again later
+    if how == "usr2":  # to the job step, where the python task runs (as --signal=USR2@... would)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM now, the job runs again later
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
     got = load_ckpt(rd)
@@ -77,6 +145,9 @@ def test_preempted_member_resumes_with_uninterrupted_result(tmp_path):
     assert st["state"] == "finished" and got["step"] == 40
     for k in ("model", "disc", "lecam"):
         assert_same_weights(ref[k], got[k])
-    assert "resuming tokenizer" in "".join(p.read_text() for p in (root / "submitit").rglob("*_log.*"))
+    logs = "".join(p.read_text() for p in (root / "submitit").rglob("*_log.*"))
+    assert "resuming tokenizer" in logs
+    if how == "usr2":
+        assert "caught SIGUSR2" in logs and "this job is preempted" in logs  # ours, then submitit's handler
     run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(st["mlflow_run_id"])
     assert run.info.status == "FINISHED"

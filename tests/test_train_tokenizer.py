@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -104,10 +105,14 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
     killed_at = load_ckpt(rd)["step"]
     assert 0 < killed_at < 6
     first_run = json.loads((rd / "status.json").read_text())["mlflow_run_id"]
+    # as if the kill had come between the run's creation and its params: the resumed run must log them
+    with sqlite3.connect(b / "mlflow.db") as db:
+        db.execute("DELETE FROM params WHERE run_uuid = ?", (first_run,))
     p = run_train(b, "stage=tokenizer")
     assert f"resuming tokenizer" in p.stderr + p.stdout
     got = load_ckpt(rd)
     assert got["step"] == 6
+    assert [f.name for f in rd.glob("rng-*")] == ["rng-0-6.pt"]  # older steps' RNG files are gone
     for k in ("model", "disc", "lecam"):
         assert_same_weights(ref[k], got[k])
     assert_same_weights(ref["ema"]["shadow"], got["ema"]["shadow"])

@@ -56,6 +56,7 @@ class _Detachable(upstream.BaseSubmititLauncher):
         self.detach = bool(params.pop("detach", False))
         super().__init__(**params)
         self.submitted: list = []
+        self.on_submit = None  # the sweeper records job ids here, before any result is awaited
 
     def _executor(self):
         import submitit
@@ -80,6 +81,8 @@ class _Detachable(upstream.BaseSubmititLauncher):
         self.submitted = [(list(ov), j.job_id) for ov, j in zip(job_overrides, jobs)]
         for ov, jid in self.submitted:
             log.info(f"submitted job {jid}: {' '.join(filter_overrides(ov))}")
+        if self.on_submit is not None:
+            self.on_submit([jid for _, jid in self.submitted])
         if self.detach:
             return []
         return [j.results()[0] for j in jobs]

@@ -3,12 +3,16 @@
 run_dir/status.json   {state: new|running|finished|failed|preempted, step, metrics, slurm_job_id, host, updated}
 run_dir/checkpoint.pt the latest atomic checkpoint (resume point)
 sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
+
+A sweep table adds what only the queue knows: queued (job waits), died (job left the queue unfinished: killed,
+out of memory, node failure), stopped (preempted and not requeued; resubmitting the sweep resumes it).
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -66,31 +70,46 @@ def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def write_sweep(sweep_dir: Path, sid: str, arguments: list[str], rows: list[dict], parent_run: str,
-                hydra_dir: str) -> None:
+                hydra_dir: str, launcher: str, tracking_uri: str) -> None:
     old = read_json(Path(sweep_dir) / "sweep.json", {}) or {}
-    doc = {"id": sid, "arguments": arguments, "parent_run_id": parent_run, "hydra_dirs":
-           sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}), "jobs": old.get("jobs", {}),
-           "members": [{k: r[k] for k in ("member", "overrides", "stage", "signature", "run_dir")} for r in rows]}
+    doc = {"id": sid, "arguments": arguments, "parent_run_id": parent_run, "tracking_uri": tracking_uri,
+           "launcher": launcher, "hydra_dirs": sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}),
+           "jobs": old.get("jobs", {}),
+           "members": [{k: r[k] for k in ("member", "overrides", "stage", "signature", "run_dir", "steps")}
+                       for r in rows]}
     atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
 
 
-def record_launch(sweep_dir: Path, returns) -> None:
-    """Remember which SLURM job ran each member (the submitit launcher sets hydra.job.id)."""
+def record_jobs(sweep_dir: Path, jobs: dict[str, str]) -> None:
+    """Remember the job each member (by run dir) was just submitted as, before waiting on any of them."""
     doc = read_json(Path(sweep_dir) / "sweep.json", None)
-    if doc is None:
-        return
-    for r in returns or []:
-        try:
-            job_id = str(r.hydra_cfg.hydra.job.id)
-            rd = r.return_value.get("run_dir") if isinstance(r.return_value, dict) else None
-        except Exception:
-            continue
-        if rd:
-            doc["jobs"][rd] = job_id
-    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
+    if doc is not None and jobs:
+        doc["jobs"].update(jobs)
+        atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
+
+
+TERMINAL = ("finished", "failed")
+ENDED = TERMINAL + ("died", "stopped")  # no job will change these members any more (resubmit to continue)
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """{job id: SLURM state} of the given jobs still known to squeue, or None where squeue cannot answer."""
+    ids = sorted({j.split("_")[0] for j in job_ids if j})
+    if not ids:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:  # every job already left the queue
+        return None
+    return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
 
 
 def refresh(sweep_dir: Path) -> list[dict]:
+    """Member rows from the run dirs; on SLURM the queue refines what the run dirs cannot know yet (or any more):
+    a member whose job waits is `queued`, one whose job left the queue without finishing is `died`."""
     doc = read_json(Path(sweep_dir) / "sweep.json", None)
     if doc is None:
         raise FileNotFoundError(f"no sweep recorded at {sweep_dir}")
@@ -98,7 +117,19 @@ def refresh(sweep_dir: Path) -> list[dict]:
     for m in doc["members"]:
         st = read_status(Path(m["run_dir"]))
         rows.append({**m, "state": st["state"], "step": st.get("step", 0), "metrics": st.get("metrics", {}),
-                     "slurm_job_id": st.get("slurm_job_id") or doc.get("jobs", {}).get(m["run_dir"])})
+                     "slurm_job_id": doc.get("jobs", {}).get(m["run_dir"]) or st.get("slurm_job_id")})
+    if doc.get("launcher") == "slurm":
+        live = [r for r in rows if r["state"] not in TERMINAL and r["slurm_job_id"]]
+        queue = queue_states([r["slurm_job_id"] for r in live]) if live else {}
+        for r in live if queue is not None else []:
+            q = queue.get(r["slurm_job_id"])
+            if q in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING") and r["state"] != "running":
+                r["state"] = "queued"
+            elif q is None:  # left the queue: finished meanwhile, or ended without finishing
+                now = read_status(Path(r["run_dir"]))
+                gone = "stopped" if now["state"] == "preempted" else "died"  # stopped: a checkpoint to resume
+                r.update(state=now["state"] if now["state"] in TERMINAL else gone, step=now.get("step", 0),
+                         metrics=now.get("metrics", {}))
     return rows
 
 
@@ -110,8 +141,10 @@ def _short(metrics: dict, n: int = 4) -> str:
 
 def format_members(rows: list[dict], title: str = "") -> str:
     from tabulate import tabulate
-    table = [[i, r["member"], r["state"], f"{r.get('step', 0)}/{r.get('steps', '?')}" if "steps" in r else
-              r.get("step", 0), _short(r.get("metrics", {})), r.get("slurm_job_id") or "", r["run_dir"]]
-             for i, r in enumerate(rows)]
+    table = []
+    for i, r in enumerate(rows):
+        step = f"{r.get('step', 0)}/{r['steps']}" if r.get("steps") else r.get("step", 0)
+        table.append([i, r["member"], r["state"], step, _short(r.get("metrics", {})), r.get("slurm_job_id") or "",
+                      r["run_dir"]])
     out = tabulate(table, headers=["#", "member", "state", "step", "last metrics", "slurm job", "run dir"])
     return f"{title}\n{out}" if title else out

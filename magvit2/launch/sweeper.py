@@ -105,26 +105,33 @@ class Magvit2Sweeper(Sweeper):
         exp = f"{self.config.tracking.experiment_prefix}-{stage}"
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, self.config.tracking.uri))
         parent = tracking.ensure_sweep_run(exp, root, sid, stage, " ".join(arguments), len(rows))
-        state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir))
+        launcher = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}.get(type(self.launcher).__name__, "basic")
+        state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir), launcher,
+                          os.environ["MLFLOW_TRACKING_URI"])
 
         extra = [f"sweep.id='{sid}'", f"+sweep.parent_run_id='{parent}'"]  # quoted: hex ids can parse as numbers
         jobs = [m + extra + [f"+sweep.member='{r['member']}'"] for m, r in todo]
+        detach = bool(getattr(self.launcher, "detach", False))
         results = []
         if jobs:
             n = self.max_batch_size or len(jobs)
-            idx = 0
             try:
-                for batch in (jobs[i:i + n] for i in range(0, len(jobs), n)):
-                    rets = self.launcher.launch(batch, initial_job_idx=idx)
-                    idx += len(batch)
-                    results.append(rets)
-                    state.record_launch(sweep_dir, rets)
-                failed = [r for b in results for r in b if _failed(r)]
+                for idx in range(0, len(jobs), n):
+                    run_dirs = [r["run_dir"] for _, r in todo[idx:idx + n]]
+                    if hasattr(self.launcher, "on_submit"):
+                        self.launcher.on_submit = lambda ids, d=run_dirs: state.record_jobs(sweep_dir, dict(zip(d, ids)))
+                    results.append(self.launcher.launch(jobs[idx:idx + n], initial_job_idx=idx))
             except BaseException:
                 tracking.finish_sweep_run(parent, "FAILED")
                 raise
-            tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
-        print(state.format_members(state.refresh(sweep_dir), title=f"sweep {sid}: results"))
+            if detach:  # members finish on their own; `magvit2.sweep status` reports them and closes the parent run
+                print(state.format_members(state.refresh(sweep_dir), title=f"sweep {sid}: submitted, not waiting"))
+                print(f"reconnect with: python -m magvit2.sweep status {sid} --root {root} [--wait]")
+                return []
+        final = state.refresh(sweep_dir)
+        failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
+        tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
+        print(state.format_members(final, title=f"sweep {sid}: results"))
         for b in results:  # surface a member's exception like Hydra's basic sweeper does
             for r in b:
                 _ = r.return_value

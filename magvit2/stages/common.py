@@ -88,7 +88,7 @@ class RunContext:
         if self.is_main:
             self._open_tracking(ckpt)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            state.write_status(self.run_dir, state="running", steps=int(self.t.steps),
+            state.write_status(self.run_dir, state="running", steps=int(self.t.steps), world_size=self.acc.num_processes,
                                mlflow_run_id=self.tracker.run_id if self.tracker else None)
         self.preempt.install()
         return ckpt
@@ -96,8 +96,15 @@ class RunContext:
     def restore_rng(self, ckpt: dict | None) -> None:
         """Call last before the loop: model construction and DataLoader iterators draw from the RNG too."""
         if ckpt is not None:
-            rng = self.run_dir / f"rng-{self.acc.process_index}.pt"
+            rng = self._rng_path(int(ckpt["step"]))
+            if not rng.exists() and self.acc.process_index > 0:
+                log.warning(f"{rng.name} missing: rank {self.acc.process_index} resumes with rank 0's RNG state")
             dist.set_rng_state(torch.load(rng, weights_only=False) if rng.exists() else ckpt["rng"])
+
+    def _rng_path(self, step: int) -> Path:
+        # one file per rank and step: a crash between a rank's RNG file and rank 0's checkpoint rename must not
+        # leave the checkpoint paired with another step's RNG state
+        return self.run_dir / f"rng-{self.acc.process_index}-{step}.pt"
 
     def _open_tracking(self, ckpt: dict | None) -> None:
         from magvit2 import tracking
@@ -106,17 +113,18 @@ class RunContext:
         sweep = cfg.sweep.id if self.stage == cfg.stage else None  # a dependency run is not a sweep member
         tags = {"magvit2.overrides": " ".join(_task_overrides()), "magvit2.git_sha": git_sha(),
                 "magvit2.slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "magvit2.host": socket.gethostname(),
-                "magvit2.run_dir": str(self.run_dir)}
+                "magvit2.run_dir": str(self.run_dir), "magvit2.world_size": str(self.acc.num_processes)}
         if sweep and cfg.sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = cfg.sweep.parent_run_id
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, cfg.tracking.uri))
         self.tracker = tracking.MemberRun(f"{cfg.tracking.experiment_prefix}-{self.stage}", root, self.stage,
                                           self.signature, _run_name(cfg, self.stage), tags, sweep, run_id=run_id)
-        if run_id is None:  # params are write-once: a resumed run keeps the ones it logged first
-            params = tracking.flatten(C.to_dict(cfg))
-            params.update({f"choice.{k}": v for k, v in C.choices(cfg).items()})
-            self.tracker.log_params(params)
-            self.tracker.log_dict(C.to_dict(cfg), "config.yaml")
+        # Also on resume: MemberRun adds only params not logged yet (write-once), so a run that died between run
+        # creation and its params still gets them, and one that logged them is left as it was.
+        params = tracking.flatten(C.to_dict(cfg))
+        params.update({f"choice.{k}": v for k, v in C.choices(cfg).items()})
+        self.tracker.log_params(params)
+        self.tracker.log_dict(C.to_dict(cfg), "config.yaml")  # same signature -> same config: rewriting is harmless
         self.tracker.set_tags(tags)
 
     def log(self, metrics: dict, step: int) -> None:
@@ -132,9 +140,9 @@ class RunContext:
 
     def save(self, step: int, payload: dict) -> None:
         """Atomic checkpoint: every rank's RNG, then rank 0's temp file renamed over the old checkpoint."""
-        rng = dist.rng_state()
-        torch.save(rng, _tmp(self.run_dir / f"rng-{self.acc.process_index}.pt"))
-        os.replace(_tmp(self.run_dir / f"rng-{self.acc.process_index}.pt"), self.run_dir / f"rng-{self.acc.process_index}.pt")
+        rng, rng_path = dist.rng_state(), self._rng_path(step)
+        torch.save(rng, _tmp(rng_path))
+        os.replace(_tmp(rng_path), rng_path)
         self.acc.wait_for_everyone()
         if self.is_main:
             payload = {**payload, "step": step, "rng": rng, "signature": self.signature,
@@ -144,6 +152,9 @@ class RunContext:
             os.replace(tmp, self.ckpt_path)
             state.write_status(self.run_dir, state="running", step=step)
         self.acc.wait_for_everyone()
+        for old in self.run_dir.glob(f"rng-{self.acc.process_index}-*.pt"):  # the checkpoint now points past them
+            if old != rng_path:
+                old.unlink(missing_ok=True)
 
     def maybe_preempt(self, step: int, payload_fn) -> None:
         if self.preempt.requested(self.acc):

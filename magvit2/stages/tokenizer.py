@@ -6,6 +6,7 @@ Per optimizer step: generator step (L1 + LPIPS + quantizer aux + non-saturating 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,10 @@ def _train(cfg, ctx: RunContext) -> dict:
                         d_loss = d_hinge + L.lecam_weight * reg
                     acc.backward(d_loss)
                     opt_d.step(), opt_d.zero_grad(set_to_none=True)
-        sched_g.step(), sched_d.step()
+        sched_g.step()
+        with warnings.catch_warnings():  # D's lr decay follows the global step, also before disc_start
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            sched_d.step()
         ema.update(raw)
         step1 = step + 1
         if step1 % cfg.tracking.log_every == 0 or step1 == t.steps:
