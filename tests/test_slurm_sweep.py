@@ -5,6 +5,8 @@ with the uninterrupted weights."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,10 +65,21 @@ def _sweep_status(root: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_detached_sweep_returns_at_once_and_status_reconnects(root):
-    t0 = time.monotonic()
-    p = run_train(root, "stage=tokenizer", "quantizer=lfq,vq", *SLURM, "hydra.launcher.detach=true", multirun=True)
-    submit_s = time.monotonic() - t0
+def _kill_job_step(job: str) -> None:
+    """SIGKILL the member's python (no handler runs), as the OOM killer or a failing node would."""
+    jid = subprocess.run(["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(["scontrol", "listpids", jid], capture_output=True, text=True, check=True).stdout  # numeric id
+    pids = [int(line.split()[0]) for line in out.splitlines()[1:] if line.split()[2:3] == ["0"]]  # step 0
+    assert pids, out
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_detached_sweep_status_reconnects_and_resubmits_only_dead_members(root):
+    long = ["stage=tokenizer", "quantizer=lfq,vq", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=4",
+            *SLURM, "hydra.launcher.detach=true"]
+    p = run_train(root, *long, multirun=True)
     out = p.stdout + p.stderr
     assert "submitted, not waiting" in out and "reconnect with: python -m magvit2.sweep status" in out, out[-3000:]
     (sweep_dir,) = (root / "sweeps").iterdir()
@@ -74,22 +87,43 @@ def test_detached_sweep_returns_at_once_and_status_reconnects(root):
     assert len(doc["jobs"]) == 2 and set(doc["jobs"]) == {m["run_dir"] for m in doc["members"]}
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     assert client.get_run(doc["parent_run_id"]).info.status == "RUNNING"  # nobody waits on it yet
-    # the jobs were submitted, not run: the queue still holds them (each trains for several seconds)
-    queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join({j.split("_")[0] for j in
-                            doc["jobs"].values()})], capture_output=True, text=True).stdout.split()
-    assert set(doc["jobs"].values()) & set(queue), (submit_s, queue)
+
+    # both members train (2 CPUs, 1 each); stop one as scancel would, kill the other's process outright
+    rd = {m["member"]: Path(m["run_dir"]) for m in doc["members"]}
+    job = {m["member"]: doc["jobs"][m["run_dir"]] for m in doc["members"]}
+    deadline = time.time() + 300
+    while time.time() < deadline and not all((d / "checkpoint.pt").exists() for d in rd.values()):
+        time.sleep(0.2)
+    subprocess.run(["scancel", job["lfq"]], check=True)  # SIGTERM: checkpoint, "preempted", no requeue
+    _kill_job_step(job["vq"])
+    deadline = time.time() + 60
+    s = _sweep_status(root, sweep_dir.name).stdout
+    while time.time() < deadline and not ("stopped" in s and "died" in s):
+        time.sleep(0.5)
+        s = _sweep_status(root, sweep_dir.name).stdout
+    rows = {line.split()[1]: line.split()[2] for line in s.splitlines() if line.split()[1:2] in (["lfq"], ["vq"])}
+    assert rows == {"lfq": "stopped", "vq": "died"}, s
+
+    # resubmitting runs exactly those two again; submitting once more while they run submits nothing
+    p = run_train(root, *long, multirun=True)
+    assert (p.stdout + p.stderr).count("submitted job") == 2
+    jobs2 = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    assert set(jobs2.values()).isdisjoint(job.values())
+    p = run_train(root, *long, multirun=True)
+    assert "submitted job" not in p.stdout + p.stderr
+    assert "2 members still queued or running as their earlier jobs" in p.stdout + p.stderr
 
     s = _sweep_status(root, sweep_dir.name[:6], "--wait", "--interval", "1", "--tail", "5", "--member", "1")
     assert s.returncode == 0, s.stdout + s.stderr
-    assert s.stdout.count("finished") >= 2 and "finished: 2" in s.stdout
-    assert "sweep ended: MLflow parent run FINISHED" in s.stdout
+    assert "finished: 2" in s.stdout and "sweep ended: MLflow parent run FINISHED" in s.stdout
     assert client.get_run(doc["parent_run_id"]).info.status == "FINISHED"
-    for jid in doc["jobs"].values():
-        assert jid in s.stdout
+    assert all(jid in s.stdout for jid in jobs2.values())
     tail = s.stdout.split("(last 5 lines)")[1].strip().splitlines()
     assert len(tail) == 5, s.stdout[-2000:]  # the end of member #1's job log
-    assert all(json.loads((Path(m["run_dir"]) / "status.json").read_text())["state"] == "finished"
-               for m in doc["members"])
+    for d in rd.values():  # both resumed their checkpoints and ended in their first MLflow run
+        st = json.loads((d / "status.json").read_text())
+        assert st["state"] == "finished" and st["step"] == 40
+        assert client.get_run(st["mlflow_run_id"]).data.tags["magvit2.n_resumes"] == "1"
     assert _sweep_status(root, "nosuchsweep").returncode != 0
 
 

@@ -4,7 +4,7 @@ run_dir/status.json   {state: new|running|finished|failed|preempted, step, metri
 run_dir/checkpoint.pt the latest atomic checkpoint (resume point)
 sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
 
-A sweep table adds what only the queue knows: queued (job waits), died (job left the queue unfinished: killed,
+A sweep table adds what only the queue knows: queued (job waits), starting (job runs, run not open yet), died (job left the queue unfinished: killed,
 out of memory, node failure), stopped (preempted and not requeued; resubmitting the sweep resumes it).
 """
 from __future__ import annotations
@@ -122,9 +122,11 @@ def refresh(sweep_dir: Path) -> list[dict]:
         live = [r for r in rows if r["state"] not in TERMINAL and r["slurm_job_id"]]
         queue = queue_states([r["slurm_job_id"] for r in live]) if live else {}
         for r in live if queue is not None else []:
-            q = queue.get(r["slurm_job_id"])
+            q = r["job_state"] = queue.get(r["slurm_job_id"])
             if q in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING") and r["state"] != "running":
                 r["state"] = "queued"
+            elif q == "RUNNING" and r["state"] in ("new", "partial", "preempted"):
+                r["state"] = "starting"  # the job runs, the member has not opened its run yet
             elif q is None:  # left the queue: finished meanwhile, or ended without finishing
                 now = read_status(Path(r["run_dir"]))
                 gone = "stopped" if now["state"] == "preempted" else "died"  # stopped: a checkpoint to resume

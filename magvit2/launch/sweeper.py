@@ -89,15 +89,20 @@ class Magvit2Sweeper(Sweeper):
         sid = self.config.sweep.id or sweep_id_for([[o for o in m if _is_member_key(o)] for m in members])
         dry = bool(self.config.get("dry_run", False))
         sweep_dir = Path(self.config.paths.root) / "sweeps" / sid
+        _overlay_earlier_jobs(sweep_dir, rows)
         print(state.format_members(rows, title=f"sweep {sid}: {len(rows)} members"
                                    + (" (dry run: nothing trained)" if dry else "")))
         if dry:
             return []
 
-        todo = [(m, r) for m, r in zip(members, rows) if r["state"] != "finished"]
-        done = len(rows) - len(todo)
+        alive = {r["run_dir"]: r["slurm_job_id"] for r in rows if r.get("job_state") and r["state"] not in state.ENDED}
+        todo = [(m, r) for m, r in zip(members, rows) if r["state"] != "finished" and r["run_dir"] not in alive]
+        done = sum(r["state"] == "finished" for r in rows)
         if done:
             log.info(f"{done} of {len(rows)} members already finished: their stored results stand")
+        if len(rows) - len(todo) > done:
+            log.info(f"{len(rows) - len(todo) - done} members still queued or running as their earlier jobs "
+                     f"({', '.join(sorted(alive.values()))}): not submitted again")
 
         from magvit2 import tracking  # mlflow import only when something is launched
         root = str(self.config.paths.root)
@@ -129,13 +134,28 @@ class Magvit2Sweeper(Sweeper):
                 print(f"reconnect with: python -m magvit2.sweep status {sid} --root {root} [--wait]")
                 return []
         final = state.refresh(sweep_dir)
-        failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
-        tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
-        print(state.format_members(final, title=f"sweep {sid}: results"))
+        if any(r["state"] not in state.ENDED for r in final):  # earlier jobs still run members: not ours to close
+            print(state.format_members(final, title=f"sweep {sid}: still running"))
+            print(f"follow with: python -m magvit2.sweep status {sid} --root {root} --wait")
+        else:
+            failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
+            tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
+            print(state.format_members(final, title=f"sweep {sid}: results"))
         for b in results:  # surface a member's exception like Hydra's basic sweeper does
             for r in b:
                 _ = r.return_value
         return results
+
+
+def _overlay_earlier_jobs(sweep_dir: Path, rows: List[dict]) -> None:
+    """If this sweep was submitted before, take each member's state from its earlier job as well (queued, running,
+    died, ...), so members whose jobs are still alive are not submitted twice."""
+    if (sweep_dir / "sweep.json").exists():
+        earlier = {r["run_dir"]: r for r in state.refresh(sweep_dir)}
+        for r in rows:
+            e = earlier.get(r["run_dir"])
+            if e is not None:
+                r.update({k: e.get(k) for k in ("state", "step", "metrics", "slurm_job_id", "job_state")})
 
 
 def _label(overrides: List[str], swept: set) -> str:
