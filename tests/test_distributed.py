@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo, torchrun) give the loss curve of one process with the same global batch.
+"""Two CPU processes (gloo; torchrun for the tokenizer, accelerate launch for the AR) give the loss curve of one process with the same global batch.
 
 Conditions, stated rather than hidden: dropout off (each rank draws its own masks), and for the tokenizer the GAN
 off (BatchNorm in the PatchGAN normalizes each rank's half batch; SyncBatchNorm has no CPU kernel). The LFQ
@@ -20,21 +20,33 @@ from conftest import train_cmd
 NO_DROPOUT = ["model.embed_dropout=0", "model.resid_dropout=0", "model.ffn_dropout=0", "model.class_dropout=0"]
 
 
-def _run(root, *ov, procs: int):
+def _run(root, *ov, procs: int, launcher: str = "torchrun"):
     cmd = train_cmd(root, *ov)
-    if procs > 1:
+    if procs > 1 and launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + cmd[1:]
+    elif procs > 1:  # accelerate's --cpu runs ONE process; --multi_gpu with gloo gives real CPU processes
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] + cmd[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
 
 
-def _curve(root, stage: str, key: str) -> list[float]:
+def _member_run(root, stage: str):
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name(f"magvit2-{stage}")
     (run,) = client.search_runs([exp.experiment_id], "tags.`magvit2.kind` = 'member'")  # not a sweep's parent
+    return client, run
+
+
+def _curve(root, stage: str, key: str) -> list[float]:
+    client, run = _member_run(root, stage)
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
+def _world_size(root, stage: str) -> int:
+    return int(_member_run(root, stage)[1].data.tags["magvit2.world_size"])
 
 
 @pytest.mark.slow
@@ -44,6 +56,7 @@ def test_two_processes_match_one(tmp_path):
     tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000"]
     _run(one, *tok, procs=1)
     _run(two, *tok, procs=2)
+    assert (_world_size(one, "tokenizer"), _world_size(two, "tokenizer")) == (1, 2)
     for key in ("train/loss", "train/rec_l1", "train/entropy_codebook"):
         a, b = _curve(one, "tokenizer", key), _curve(two, "tokenizer", key)
         assert len(a) == len(b) == 6
@@ -52,7 +65,8 @@ def test_two_processes_match_one(tmp_path):
     # AR on the same (1-process) tokenizer: copy its run dir so both sides read identical tokens
     shutil.rmtree(two / "runs"), shutil.copytree(one / "runs", two / "runs")
     _run(one, *tok[1:], *NO_DROPOUT, procs=1)
-    _run(two, *tok[1:], *NO_DROPOUT, procs=2)
+    _run(two, *tok[1:], *NO_DROPOUT, procs=2, launcher="accelerate")
+    assert (_world_size(one, "ar"), _world_size(two, "ar")) == (1, 2)
     for key in ("train/loss", "train/loss_1", "train/loss_2"):
         a, b = _curve(one, "ar", key), _curve(two, "ar", key)
         assert len(a) == len(b) == 6
