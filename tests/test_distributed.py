@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo; torchrun for the tokenizer, accelerate launch for the AR) give the loss curve of one process with the same global batch.
+"""Two CPU processes (gloo; torchrun for the tokenizer, accelerate launch for the AR) give the loss curve of one
+process with the same global batch.
 
 Conditions, stated rather than hidden: dropout off (each rank draws its own masks), and for the tokenizer the GAN
 off (BatchNorm in the PatchGAN normalizes each rank's half batch; SyncBatchNorm has no CPU kernel). The LFQ

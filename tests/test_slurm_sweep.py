@@ -45,8 +45,8 @@ def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
 
     # the status command reconnects from the sweep id alone
     sid = next(iter((root / "sweeps").iterdir())).name
-    out = subprocess.run([sys.executable, "-m", "magvit2.sweep", "status", sid, "--root", str(root)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "magvit2.sweep", "status", sid, "--root", str(root)],
+                         capture_output=True, text=True, check=True).stdout
     assert out.count("finished") >= 4 and "k9_9" in out and "n_intra=1" in out
     parent = json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["parent_run_id"]
     assert client.get_run(parent).info.status == "FINISHED"

@@ -4,8 +4,9 @@ run_dir/status.json   {state: new|running|finished|failed|preempted, step, metri
 run_dir/checkpoint.pt the latest atomic checkpoint (resume point)
 sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
 
-A sweep table adds what only the queue knows: queued (job waits), starting (job runs, run not open yet), died (job left the queue unfinished: killed,
-out of memory, node failure), stopped (preempted and not requeued; resubmitting the sweep resumes it).
+A sweep table adds what only the SLURM queue knows: queued (job waits), starting (job runs, run not open yet),
+died (job left the queue unfinished: killed, out of memory, node failure), stopped (preempted, not requeued;
+resubmitting the sweep resumes it).
 """
 from __future__ import annotations
 
@@ -108,30 +109,33 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
 
 
 def refresh(sweep_dir: Path) -> list[dict]:
-    """Member rows from the run dirs; on SLURM the queue refines what the run dirs cannot know yet (or any more):
-    a member whose job waits is `queued`, one whose job left the queue without finishing is `died`."""
+    """Member rows from the run dirs; on SLURM the queue refines what the run dirs cannot know yet (or any more)."""
     doc = read_json(Path(sweep_dir) / "sweep.json", None)
     if doc is None:
         raise FileNotFoundError(f"no sweep recorded at {sweep_dir}")
     rows = []
     for m in doc["members"]:
         st = read_status(Path(m["run_dir"]))
+        submitted = doc.get("jobs", {}).get(m["run_dir"])
         rows.append({**m, "state": st["state"], "step": st.get("step", 0), "metrics": st.get("metrics", {}),
-                     "slurm_job_id": doc.get("jobs", {}).get(m["run_dir"]) or st.get("slurm_job_id")})
-    if doc.get("launcher") == "slurm":
-        live = [r for r in rows if r["state"] not in TERMINAL and r["slurm_job_id"]]
-        queue = queue_states([r["slurm_job_id"] for r in live]) if live else {}
-        for r in live if queue is not None else []:
-            q = r["job_state"] = queue.get(r["slurm_job_id"])
-            if q in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING") and r["state"] != "running":
-                r["state"] = "queued"
-            elif q == "RUNNING" and r["state"] in ("new", "partial", "preempted"):
-                r["state"] = "starting"  # the job runs, the member has not opened its run yet
-            elif q is None:  # left the queue: finished meanwhile, or ended without finishing
-                now = read_status(Path(r["run_dir"]))
-                gone = "stopped" if now["state"] == "preempted" else "died"  # stopped: a checkpoint to resume
-                r.update(state=now["state"] if now["state"] in TERMINAL else gone, step=now.get("step", 0),
-                         metrics=now.get("metrics", {}))
+                     "slurm_job_id": submitted or st.get("slurm_job_id"),
+                     "_jobs": [j for j in (submitted, st.get("slurm_job_id")) if j]})
+    live = [r for r in rows if r["state"] not in TERMINAL and r["_jobs"]]
+    queue = queue_states([j for r in live for j in r["_jobs"]]) if doc.get("launcher") == "slurm" and live else None
+    for r in live if queue is not None else []:
+        # our submission, or the job that last wrote the run dir (another sweep sharing this member)
+        q = r["job_state"] = next((queue[j] for j in r["_jobs"] if j in queue), None)
+        if q in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING") and r["state"] != "running":
+            r["state"] = "queued"
+        elif q == "RUNNING" and r["state"] in ("new", "partial", "preempted"):
+            r["state"] = "starting"  # the job runs, the member has not opened its run yet
+        elif q is None:  # left the queue: finished meanwhile, or ended without finishing
+            now = read_status(Path(r["run_dir"]))
+            gone = "stopped" if now["state"] == "preempted" else "died"  # stopped: a checkpoint to resume
+            r.update(state=now["state"] if now["state"] in TERMINAL else gone, step=now.get("step", 0),
+                     metrics=now.get("metrics", {}))
+    for r in rows:
+        del r["_jobs"]
     return rows
 
 

@@ -124,7 +124,8 @@ class Magvit2Sweeper(Sweeper):
                 for idx in range(0, len(jobs), n):
                     run_dirs = [r["run_dir"] for _, r in todo[idx:idx + n]]
                     if hasattr(self.launcher, "on_submit"):
-                        self.launcher.on_submit = lambda ids, d=run_dirs: state.record_jobs(sweep_dir, dict(zip(d, ids)))
+                        self.launcher.on_submit = lambda ids, d=run_dirs: state.record_jobs(sweep_dir,
+                                                                                            dict(zip(d, ids)))
                     results.append(self.launcher.launch(jobs[idx:idx + n], initial_job_idx=idx))
             except BaseException:
                 tracking.finish_sweep_run(parent, "FAILED")

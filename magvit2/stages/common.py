@@ -88,7 +88,8 @@ class RunContext:
         if self.is_main:
             self._open_tracking(ckpt)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-            state.write_status(self.run_dir, state="running", steps=int(self.t.steps), world_size=self.acc.num_processes,
+            state.write_status(self.run_dir, state="running", steps=int(self.t.steps),
+                               world_size=self.acc.num_processes,
                                mlflow_run_id=self.tracker.run_id if self.tracker else None)
         self.preempt.install()
         return ckpt
