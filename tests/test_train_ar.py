@@ -37,6 +37,14 @@ def test_one_bad_member_stops_the_sweep_before_launch(root):
     assert not (root / "runs").exists()
 
 
+
+def test_detach_with_the_local_launcher_is_refused(root):
+    p = run_train(root, "model=B,L", "hydra/launcher=local", "hydra.launcher.detach=true", multirun=True, check=False,
+                  tiny=False, timeout=300)
+    assert p.returncode == 2 and "hydra.launcher.detach=true needs hydra/launcher=slurm" in p.stderr, p.stderr[-2000:]
+    assert not (root / "runs").exists() and not (root / "submitit").exists()
+
+
 @pytest.mark.slow
 def test_headline_sweep_with_tiny_models_end_to_end(root):
     p = run_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)

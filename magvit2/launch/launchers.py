@@ -7,6 +7,7 @@ leave; `python -m magvit2.sweep status <id>` reconnects.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -44,7 +45,7 @@ class LocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.magvit2.LocalLauncher"
     submitit_folder: str = "${paths.root}/submitit/%j"
     timeout_min: int = 24 * 60
-    detach: bool = False
+    detach: bool = False                  # refused: local jobs are children of the submitting process
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="slurm", node=SlurmConf)
@@ -54,6 +55,10 @@ ConfigStore.instance().store(group="hydra/launcher", name="local", node=LocalCon
 class _Detachable(upstream.BaseSubmititLauncher):
     def __init__(self, **params: Any) -> None:
         self.detach = bool(params.pop("detach", False))
+        if self.detach and self._EXECUTOR == "local":
+            print("error: hydra.launcher.detach=true needs hydra/launcher=slurm: local jobs are children of this "
+                  "command and end with it; drop detach (or run the sweep under nohup/tmux)", file=sys.stderr)
+            sys.exit(2)
         super().__init__(**params)
         self.submitted: list = []
         self.on_submit = None  # the sweeper records job ids here, before any result is awaited
