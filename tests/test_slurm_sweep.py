@@ -168,17 +168,24 @@ def test_two_task_member_is_one_process_group_and_resumes_exactly(tmp_path):
         assert len(a) == len(b) == 30 and a == b, key
 
 
+LONG = ["stage=tokenizer", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The reference checkpoint of an uninterrupted local run, shared by both preemption tests."""
+    ref_root = tmp_path_factory.mktemp("ref")
+    run_train(ref_root, *LONG)
+    (ref_dir,) = [d for d in (ref_root / "runs" / "tokenizer").iterdir() if d.is_dir()]
+    return load_ckpt(ref_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["scontrol-requeue", "usr2"])
-def test_preempted_member_resumes_with_uninterrupted_result(tmp_path, how):
+def test_preempted_member_resumes_with_uninterrupted_result(tmp_path, how, uninterrupted):
     """scontrol-requeue: SLURM sends SIGTERM and requeues. usr2: the signal submitit asks SLURM to send before the
     time limit; our checkpoint, then submitit's handler (launcher checkpoint(), scontrol requeue)."""
-    long = ["stage=tokenizer", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=5"]
-    ref_root, root = tmp_path / "ref", tmp_path / "slurm"
-    ref_root.mkdir(), root.mkdir()
-    run_train(ref_root, *long)
-    (ref_dir,) = [d for d in (ref_root / "runs" / "tokenizer").iterdir() if d.is_dir()]
-    ref = load_ckpt(ref_dir)
+    long, ref, root = LONG, uninterrupted, tmp_path
 
     proc = subprocess.Popen(train_cmd(root, *long, "quantizer=lfq", *SLURM, multirun=True), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
