@@ -84,7 +84,11 @@ def main(argv=None) -> int:
         rows = state.refresh(sweep_dir)
     print(state.format_members(rows, title=f"sweep {sweep_dir.name}"))
     print(_counts(rows))
-    closed = close_parent_run(sweep_dir, rows)
+    try:
+        closed = close_parent_run(sweep_dir, rows)
+    except Exception as e:  # the table stands without MLflow (server down, store moved)
+        print(f"warning: could not close the sweep's MLflow parent run: {type(e).__name__}: {e}", file=sys.stderr)
+        closed = None
     if closed:
         print(f"sweep ended: MLflow parent run {closed}")
     if a.tail:
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
         else:
             print(f"--- {log} (last {a.tail} lines)")
             print("\n".join(log.read_text(errors="replace").splitlines()[-a.tail:]))
-    return 1 if a.wait and closed == "FAILED" else 0
+    return 1 if a.wait and any(r["state"] != "finished" for r in rows) else 0
 
 
 if __name__ == "__main__":
