@@ -110,7 +110,7 @@ class Magvit2Sweeper(Sweeper):
         exp = f"{self.config.tracking.experiment_prefix}-{stage}"
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, self.config.tracking.uri))
         parent = tracking.ensure_sweep_run(exp, root, sid, stage, " ".join(arguments), len(rows))
-        launcher = {"SlurmLauncher": "slurm", "LocalLauncher": "local"}.get(type(self.launcher).__name__, "basic")
+        launcher = getattr(self.launcher, "_EXECUTOR", "basic")  # submitit launchers: "slurm" | "local"
         state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir), launcher,
                           os.environ["MLFLOW_TRACKING_URI"])
 
