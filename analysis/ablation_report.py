@@ -42,7 +42,11 @@ df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
 
 # %% [markdown]
 # ## Tables
-# A dash is a metric that was not logged; its footnote gives the reason recorded with the run.
+# A dash is a metric that was not logged; its footnote gives the reason recorded with the run. Each metric comes
+# with its N (images, tokens, samples): compare FIDs only at equal N. "SSIM" is scikit-image's 7x7 uniform-window
+# SSIM (the reference's); "SSIM (Gaussian 11x11)" is torchmetrics'. "FID (in-loop)" is the training run's samples
+# against the validation images, not the paper's gFID (50,000 samples, 50 per class, vs the ADM ImageNet-256
+# reference batch).
 
 # %%
 sections = []
@@ -51,7 +55,8 @@ ar = df[df["stage"] == "ar"]
 if len(tok):
     sections.append("### Tokenizers (reconstruction, codebook)\n\n" + to_markdown(tokenizer_table(tok)))
 if len(ar):
-    sections.append("### Autoregressive generators (factorization x model)\n\n" + to_markdown(ar_table(ar)))
+    sections.append("### Autoregressive generators (factorization x model)\n\nFID (in-loop): N samples vs N val "
+                    "images, not the paper's 50k-sample gFID.\n\n" + to_markdown(ar_table(ar)))
 tables_md = "\n".join(sections)
 (out / "tables.md").write_text(tables_md)
 display(Markdown(tables_md))

@@ -6,10 +6,11 @@ from it, so re-running a sweep finds every member's state (finished -> skip, che
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 STAGES = ("tokenizer", "ar")
 # Keys that never change a run's result (cadence, parallelism, data loading speed).
@@ -24,8 +25,18 @@ def _pow2(k) -> int:
     return 2 ** int(k)
 
 
-if not OmegaConf.has_resolver("eval_pow2"):
-    OmegaConf.register_new_resolver("eval_pow2", _pow2)
+def _epochs_to_steps(epochs, images, batch):
+    """Optimizer steps of `epochs` (a number or a list) with ceil(images / batch) steps per epoch (Lightning's count
+    with a padding DistributedSampler and drop_last off, as in the original's runs)."""
+    per_epoch = -(-int(images) // int(batch))
+    if isinstance(epochs, (list, tuple, ListConfig)):
+        return ListConfig([int(round(float(e) * per_epoch)) for e in epochs])
+    return int(round(float(epochs) * per_epoch))
+
+
+for _name, _fn in (("eval_pow2", _pow2), ("epochs_to_steps", _epochs_to_steps)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def to_dict(cfg: DictConfig) -> dict:
@@ -53,6 +64,12 @@ def validate(cfg: DictConfig) -> None:
                 f"factorization={cfg.factorization.name} (bits {bits}, sum {sum(bits)}) does not match "
                 f"tokenizer={cfg.tokenizer.name} (tokenizer.bits={K}): the sub-token bits must add up to the "
                 f"tokenizer's K; pick a factorization whose bits sum to {K}")
+        from magvit2.data.tokens import tokens_cfg
+        tokens_cfg(cfg)  # a bad tokens setting fails before the tokenizer trains
+        for key in ("cfg_scale", "temperature"):  # before training, not after it
+            vals = subtoken_values(cfg.sampling[key], len(bits), f"sampling.{key}")
+            if key == "temperature" and min(vals) <= 0:
+                raise ConfigError(f"sampling.temperature={vals} must be > 0 for every sub-token")
         if cfg.model.dim % cfg.model.n_heads or (cfg.model.dim // cfg.model.n_heads) % 4:
             raise ConfigError(
                 f"model.dim={cfg.model.dim} / model.n_heads={cfg.model.n_heads} must give a head dim divisible "
@@ -72,6 +89,23 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{stage}.precision={t.precision!r}: use no, bf16 or fp16")
 
 
+def subtoken_values(v, m: int, name: str) -> list[float]:
+    """One sampling value per sub-token from a scalar (all the same), M values, or 2 values (the original's, made
+    for M = 2) spread linearly from the first sub-token to the last (M = 1: their mean)."""
+    vals = [float(a) for a in v] if isinstance(v, (list, tuple, ListConfig)) else [float(v)]
+    if any(not math.isfinite(a) for a in vals):
+        raise ConfigError(f"{name}={vals} must be finite numbers")
+    if len(vals) == 1:
+        return vals * m
+    if len(vals) == m:
+        return vals
+    if len(vals) == 2:
+        a, b = vals
+        return [(a + b) / 2] if m == 1 else [a + (b - a) * j / (m - 1) for j in range(m)]
+    raise ConfigError(f"{name} has {len(vals)} values but the factorization has M={m} sub-tokens: give one value, "
+                      f"{m} values (one per sub-token) or 2 (spread over the sub-tokens)")
+
+
 def _strip(d: dict) -> dict:
     return {k: (_strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in _CADENCE_KEYS}
 
@@ -81,29 +115,28 @@ def _hash(obj) -> str:
 
 
 def data_identity(cfg: DictConfig) -> dict:
-    d = _strip(to_dict(cfg.data))
-    d.pop("hflip_tokens", None)
-    return d
+    """The data settings that change what a run sees (data.crops included); not loading speed."""
+    return _strip(to_dict(cfg.data))
 
 
 def tokenizer_signature(cfg: DictConfig) -> str:
     """What determines a trained tokenizer: architecture, quantizer, losses, data, schedule, seed."""
     tok = to_dict(cfg.tokenizer)
-    tok.pop("checkpoint", None)
+    tok.pop("checkpoint", None), tok.pop("ar_weights", None)  # how an AR run uses it, not how it is trained
     return _hash({"tokenizer": tok, "quantizer": to_dict(cfg.quantizer), "data": data_identity(cfg),
                   "trainer": _strip(to_dict(cfg.trainer.tokenizer)), "seed": cfg.seed})
 
 
 def tokenizer_source(cfg: DictConfig) -> str:
     """Identity of the tokenizer an AR run uses: its signature (auto) or the explicit checkpoint reference."""
-    ck = cfg.tokenizer.checkpoint
-    return f"sig:{tokenizer_signature(cfg)}" if ck in (None, "auto") else f"ckpt:{ck}"
+    ck, w = cfg.tokenizer.checkpoint, cfg.tokenizer.get("ar_weights", "raw")
+    return (f"sig:{tokenizer_signature(cfg)}" if ck in (None, "auto") else f"ckpt:{ck}") + f":{w}"
 
 
 def ar_signature(cfg: DictConfig) -> str:
     return _hash({"tokenizer": tokenizer_source(cfg), "factorization": list(cfg.factorization.bits),
                   "model": to_dict(cfg.model), "data": data_identity(cfg),
-                  "hflip_tokens": cfg.data.get("hflip_tokens", False),
+                  "tokens": to_dict(cfg.tokens) if "tokens" in cfg else {"name": "online"},
                   "trainer": _strip(to_dict(cfg.trainer.ar)), "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
 
 

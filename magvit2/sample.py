@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     if not cfg_path.exists() or not ckpt_path.exists():
         print(f"error: {a.run_dir} is not an AR run dir (needs config.yaml and checkpoint.pt)", file=sys.stderr)
         return 2
-    from magvit2 import config as C  # noqa: F401  (resolvers)
+    from magvit2 import config as C  # (also registers resolvers)
+    from magvit2.launch import checkpoint
     from magvit2.metrics import export_adm_npz
     from magvit2.models.ar import FactorizedAR
     from magvit2.stages.ar import ar_config
@@ -53,8 +54,12 @@ def main(argv=None) -> int:
     if a.temperature:
         s.temperature = a.temperature if len(a.temperature) > 1 else a.temperature[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, _, _ = load_tokenizer(cfg)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:  # both files are loaded with weights_only=True: a checkpoint must never run code
+        tokenizer, _, _ = load_tokenizer(cfg)
+        ckpt = checkpoint.load(ckpt_path, f"run dir {a.run_dir}", "give an AR run dir trained by this magvit2")
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model = FactorizedAR(ar_config(cfg, tokenizer.token_grid))
     model.load_state_dict(ckpt["model"])
     model.to(device)

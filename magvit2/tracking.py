@@ -25,6 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from magvit2.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # MLflow 3 limits (mlflow.utils.validation): values past them are rejected by the server.
@@ -62,6 +64,61 @@ def tracking_uri(root: str, uri: str | None = None) -> str:
     return chosen
 
 
+class TrackingError(ConfigError):
+    """The tracking server cannot be used as configured; the message says which setting to change."""
+
+
+_URI_SETTING = "MLFLOW_TRACKING_URI (or tracking.uri)"
+
+
+def check_server(uri: str | None = None, timeout_s: float = 10.0) -> None:
+    """One request to an http(s) tracking server before a run or sweep starts: a server that refuses us (403 Invalid
+    Host header from MLflow 3's DNS-rebinding guard, 401, ...) or does not answer raises TrackingError at once,
+    instead of every call retrying for a minute and ending in a traceback. Local stores are not checked."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from urllib.parse import urlparse
+
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    host = urlparse(uri).netloc
+    quiet = logging.getLogger("urllib3.connectionpool")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its per-retry warnings would precede our one line
+    try:  # few, short retries: a server restarting right now gets ~2 s, a dead one is reported in seconds
+        r = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                         max_retries=2, backoff_factor=0.5, timeout=timeout_s, raise_on_status=False,
+                         params={"experiment_name": "Default"})
+    except Exception as exc:  # noqa: BLE001 - connection refused, DNS, timeout: all mean "no server there"
+        raise TrackingError(
+            f"no MLflow server answers at {uri} ({_first_line(exc)}): start it (README, \"Running a sweep on "
+            f"SLURM\": mlflow server ... --allowed-hosts ...) or set {_URI_SETTING} to a running server's address, "
+            f"or unset both for the local sqlite store under paths.root") from None
+    finally:
+        quiet.setLevel(level)
+    body = " ".join(r.text.split())[:160]
+    if r.status_code == 200 or (r.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in body):
+        return
+    if r.status_code == 403 and "Invalid Host header" in body:
+        raise TrackingError(
+            f"the MLflow server at {uri} refuses requests addressed to {host!r} (403 Invalid Host header, its "
+            f"DNS-rebinding guard): restart it with --allowed-hosts '{host},localhost:*,127.0.0.1:*' (README, "
+            f"\"Running a sweep on SLURM\"), or set {_URI_SETTING} to an address it accepts")
+    hint = (" (the server requires a login: set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
+            if r.status_code == 401 else "")
+    raise TrackingError(f"the MLflow server at {uri} answered HTTP {r.status_code} ({body or 'empty body'}){hint}: "
+                        f"check the server (--allowed-hosts, auth) or set {_URI_SETTING} to a working server")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    m = re.search(r"(Connection refused|Name or service not known|Temporary failure in name resolution|timed? ?out)",
+                  text, re.I)
+    return m.group(1) if m else (text.splitlines()[0][:160] if text else type(exc).__name__)
+
+
 # ------------------------------------------------------------------------------------------------------------- retries
 def _transient(exc: BaseException) -> bool:
     """True for errors that go away by themselves: a locked sqlite file, an HTTP server restarting or overloaded."""
@@ -72,6 +129,10 @@ def _transient(exc: BaseException) -> bool:
         code = exc.error_code
         if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"):
             return True
+        # A refusal (403 Invalid Host header, 401, 404, ...) stays a refusal: retrying it only delays the error.
+        m = re.search(r"error code (4\d\d) != 200", text)
+        if m and m.group(1) != "429":
+            return False
         # rest_utils wraps connection errors and exhausted 5xx retries into this message.
         if text.startswith("API request to") and "failed with" in text:
             return True
@@ -408,4 +469,5 @@ class MemberRun:
         self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
 
 
-__all__ = ["tracking_uri", "get_experiment_id", "flatten", "ensure_sweep_run", "finish_sweep_run", "MemberRun"]
+__all__ = ["TrackingError", "check_server", "tracking_uri", "get_experiment_id", "flatten", "ensure_sweep_run",
+           "finish_sweep_run", "MemberRun"]

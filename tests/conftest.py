@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ TINY = [
     "trainer.tokenizer.steps=6", "trainer.tokenizer.batch_size=4", "trainer.tokenizer.ckpt_every=2",
     "trainer.tokenizer.eval_every=0", "trainer.ar.steps=6", "trainer.ar.batch_size=8", "trainer.ar.ckpt_every=2",
     "trainer.ar.eval_every=0", "trainer.ar.warmup_steps=2", "tracking.log_every=1", "sampling.per_class=2",
+    "metrics.download=false",  # tests never fetch pretrained weights (their metrics are tested as missing or from files)
 ]
 
 
@@ -39,8 +42,20 @@ def run_train(root: Path, *overrides: str, multirun: bool = False, env: dict | N
     return p
 
 
+def kill_after_first_checkpoint(root: Path, stage: str, *overrides: str) -> None:
+    """Start a run and SIGKILL it (no chance to clean up) once its first checkpoint of `stage` is on disk."""
+    proc = subprocess.Popen(train_cmd(root, *overrides), cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((root / "runs" / stage).glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+        assert proc.poll() is None, "run ended before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def load_ckpt(run_dir: Path) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)  # as the code loads it
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -19,17 +19,24 @@ from magvit2.analysis import (ar_table, load_history, load_runs, plot_curves, pl
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "2024-05-01_12-00-00"
 PARAMS = {"tiny": 1_234_567, "B": 343_600_000}
-# (factorization, model) -> final metrics; FID of k9_9-B is missing with a reason
+# (factorization, model) -> final metrics; FID of k9_9-B is missing with a reason (and so is its N of val images)
+N_GEN = {"tiny": {"eval/n_samples": 8.0, "eval/n_real": 20.0}, "B": {"eval/n_samples": 50000.0, "eval/n_real": 50000.0}}
 FINAL = {
-    ("k6_12", "tiny"): {"eval/fid": 41.5, "eval/is": 20.25, "val/loss": 7.5, "val/loss_1": 2.5, "val/loss_2": 5.0},
-    ("k6_12", "B"): {"eval/fid": 12.25, "eval/is": 80.5, "val/loss": 6.25, "val/loss_1": 2.0, "val/loss_2": 4.25},
-    ("k9_9", "tiny"): {"eval/fid": 45.75, "eval/is": 18.0, "val/loss": 8.5, "val/loss_1": 4.5, "val/loss_2": 4.0},
-    ("k9_9", "B"): {"eval/is": 70.125, "val/loss": 7.0, "val/loss_1": 3.5, "val/loss_2": 3.5},
+    ("k6_12", "tiny"): {"eval/fid": 41.5, "eval/is": 20.25, "val/loss": 7.5, "val/loss_1": 2.5, "val/loss_2": 5.0,
+                        **N_GEN["tiny"]},
+    ("k6_12", "B"): {"eval/fid": 12.25, "eval/is": 80.5, "val/loss": 6.25, "val/loss_1": 2.0, "val/loss_2": 4.25,
+                     **N_GEN["B"]},
+    ("k9_9", "tiny"): {"eval/fid": 45.75, "eval/is": 18.0, "val/loss": 8.5, "val/loss_1": 4.5, "val/loss_2": 4.0,
+                       **N_GEN["tiny"]},
+    ("k9_9", "B"): {"eval/is": 70.125, "val/loss": 7.0, "val/loss_1": 3.5, "val/loss_2": 3.5, "eval/n_samples": 50000.0},
 }
 MISSING_REASON = "no Inception weights at metrics.inception_path"
 # tokenizer runs: quantizer -> final metrics, utilization history (VQ collapses); rFID missing for both
-TOK = {"lfq": {"eval/psnr": 21.5, "eval/ssim": 0.625, "eval/lpips": 0.125, "eval/perplexity": 250000.0},
-       "vq": {"eval/psnr": 19.25, "eval/ssim": 0.5, "eval/lpips": 0.25, "eval/perplexity": 900.5}}
+N_TOK = {"eval/n_images": 64.0, "eval/n_tokens": 16384.0}
+TOK = {"lfq": {"eval/psnr": 21.5, "eval/ssim": 0.625, "eval/ssim_skimage": 0.75, "eval/lpips": 0.125,
+               "eval/perplexity": 250000.0, **N_TOK},
+       "vq": {"eval/psnr": 19.25, "eval/ssim": 0.5, "eval/ssim_skimage": 0.5625, "eval/lpips": 0.25,
+              "eval/perplexity": 900.5, **N_TOK}}
 UTIL = {"lfq": [1.0, 1.0, 1.0], "vq": [0.5, 0.25, 0.125]}
 
 
@@ -128,10 +135,12 @@ def test_history_and_plots(store, tmp_path):
 
 def test_ar_table_markdown(store):
     t = ar_table(load_runs(sweep=SWEEP, tracking_uri=store["uri"]))
-    assert list(t.columns) == ["FID", "IS", "val loss", "val loss 1", "val loss 2", "params", "missing"]
-    assert t.loc[("k9_9", "B"), "missing"] == f"FID: {MISSING_REASON}"
+    assert list(t.columns) == ["FID (in-loop)", "IS", "N samples", "N val img", "val loss", "val loss 1", "val loss 2",
+                               "params", "missing"]
+    assert t.loc[("k9_9", "B"), "missing"] == f"FID (in-loop): {MISSING_REASON}"
     md = to_markdown(t)
-    assert "| k9_9 | B | —[^1] | 70.12 |" in md and f"[^1]: FID of k9_9/B: {MISSING_REASON}" in md
+    assert "| k9_9 | B | —[^1] | 70.12 | 50,000 | — | 7 |" in md and "| k6_12 | tiny | 41.5 | 20.25 | 8 | 20 |" in md
+    assert f"[^1]: FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
 
 
 def test_tokenizer_table_and_utilization(store, tmp_path):
@@ -139,12 +148,13 @@ def test_tokenizer_table_and_utilization(store, tmp_path):
     assert df["stage"].tolist() == ["tokenizer"] * 2 and df["experiment"].tolist() == ["magvit2-tokenizer"] * 2
     t = tokenizer_table(df)
     assert list(t.index) == [("tiny", "lfq"), ("tiny", "vq")] and list(t.index.names) == ["tokenizer", "quantizer"]
-    assert list(t.columns) == ["rFID", "PSNR", "SSIM", "LPIPS", "utilization", "perplexity", "missing"]
+    assert list(t.columns) == ["rFID", "PSNR", "SSIM", "SSIM (Gaussian 11x11)", "LPIPS", "N img", "utilization",
+                               "perplexity", "N tokens", "missing"]
     assert t["rFID"].isna().all() and t.loc[("tiny", "vq"), "missing"] == "rFID: no Inception weights (vq)"
     assert t.loc[("tiny", "vq"), "utilization"] == 0.125 and t.loc[("tiny", "lfq"), "PSNR"] == 21.5
     md = to_markdown(t)
-    assert "| tiny | vq | —[^2] | 19.25 | 0.5 | 0.25 | 0.125 | 900.5 |" in md
-    assert "| tiny | lfq | —[^1] | 21.5 | 0.625 | 0.125 | 1 | 250,000 |" in md
+    assert "| tiny | vq | —[^2] | 19.25 | 0.5625 | 0.5 | 0.25 | 64 | 0.125 | 900.5 | 16,384 |" in md  # SSIM: skimage
+    assert "| tiny | lfq | —[^1] | 21.5 | 0.75 | 0.625 | 0.125 | 64 | 1 | 250,000 | 16,384 |" in md
     h = load_history(df["run_id"], "eval/utilization", tracking_uri=store["uri"])
     fig = plot_utilization(h, tmp_path / "u.png")
     ys = {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
@@ -175,14 +185,17 @@ def test_report_cli(store, tmp_path):
     print(f"report CLI took {took:.1f} s")
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| factorization | model |")
-    assert header == ["factorization", "model", "FID", "IS", "val loss", "val loss 1", "val loss 2", "params"]
+    assert header == ["factorization", "model", "FID (in-loop)", "IS", "N samples", "N val img", "val loss",
+                      "val loss 1", "val loss 2", "params"]
     expect = []
     for (fac, model), f in FINAL.items():
         fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "—[^1]"
-        expect.append([fac, model, fid, f"{f['eval/is']:.4g}", f"{f['val/loss']:g}", f"{f['val/loss_1']:g}",
-                       f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
+        n_real = f"{f['eval/n_real']:,.0f}" if "eval/n_real" in f else "—"
+        expect.append([fac, model, fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}", n_real,
+                       f"{f['val/loss']:g}", f"{f['val/loss_1']:g}", f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
     assert rows == expect
-    assert f"[^1]: FID of k9_9/B: {MISSING_REASON}" in md
+    assert f"[^1]: FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
+    assert "FID (in-loop): N samples vs N val images, not the paper's 50k-sample gFID" in md
     pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert {"scaling_eval_fid.png", "curve_val_loss.png", "curve_val_loss_2.png"} <= set(pngs)
     for p in pngs:
@@ -202,7 +215,8 @@ def test_report_cli_tokenizer_experiment(store, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| tokenizer | quantizer |")
-    assert header == ["tokenizer", "quantizer", "rFID", "PSNR", "SSIM", "LPIPS", "utilization", "perplexity"]
+    assert header == ["tokenizer", "quantizer", "rFID", "PSNR", "SSIM", "SSIM (Gaussian 11x11)", "LPIPS", "N img",
+                      "utilization", "perplexity", "N tokens"]
     assert [r[:3] for r in rows] == [["tiny", "lfq", "—[^1]"], ["tiny", "vq", "—[^2]"]]
     assert "[^2]: rFID of tiny/vq: no Inception weights (vq)" in md and "Autoregressive" not in md
     assert (out / "utilization.png").stat().st_size > 5000 and "(utilization.png)" in md
@@ -215,3 +229,20 @@ def test_report_no_runs_is_an_error(store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no member runs match sweep='no-such-sweep'" in err and SWEEP in err
     assert not (tmp_path / "r").exists()
+
+
+def test_summary_shows_each_metric_with_its_n_and_the_reference_ssim():
+    from magvit2.stages.summary import format_summary
+
+    tok = {"run_dir": "/r/tokenizer/sig/x", "eval/psnr": 24.5, "eval/ssim": 0.5, "eval/ssim_skimage": 0.75,
+           "eval/utilization": 0.25, "eval/perplexity": 900.0, "eval/n_images": 64.0, "eval/n_tokens": 16384.0}
+    res = {"run_dir": "/r/ar/sig", "val/loss": 7.5, "eval/fid": 55.5, "eval/is": 3.25, "eval/n_samples": 80.0,
+           "eval/n_real": 20.0, "tokenizer": tok}
+    lines = [" ".join(l.split()) for l in format_summary("ar", res, "sqlite:///x.db").splitlines()]
+    for want in ("PSNR 24.50 (N = 64 images)", "SSIM 0.750 (N = 64 images)",
+                 "SSIM (Gaussian 11x11) 0.500 (N = 64 images)", "codebook utilization 25.00% (N = 16,384 tokens)",
+                 "code perplexity 900 (N = 16,384 tokens)", "FID (in-loop) 55.50 (N = 80 samples vs 20 val images)",
+                 "IS 3.25 (N = 80 samples)"):
+        assert want in lines, (want, lines)
+    old = [" ".join(l.split()) for l in format_summary("tokenizer", {"eval/psnr": 20.0}, "x").splitlines()]
+    assert "PSNR 20.00 (N = ? images)" in old  # a run from before N was logged says so

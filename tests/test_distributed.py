@@ -2,8 +2,9 @@
 process with the same global batch.
 
 Conditions, stated rather than hidden: dropout off (each rank draws its own masks), and for the tokenizer the GAN
-off (BatchNorm in the PatchGAN normalizes each rank's half batch; SyncBatchNorm has no CPU kernel). The LFQ
-codebook entropy is all-reduced, so the tokenizer's quantizer loss is the global one on both sides.
+off (BatchNorm in the PatchGAN normalizes each rank's half batch; SyncBatchNorm has no CPU kernel), and the LFQ
+codebook entropy all-reduced (quantizer.codebook_entropy=global; the original's `local` is per process, so 2 ranks
+optimize another objective than 1).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _world_size(root, stage: str) -> int:
 def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000"]
+    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000", "quantizer.codebook_entropy=global"]
     _run(one, *tok, procs=1)
     _run(two, *tok, procs=2)
     assert (_world_size(one, "tokenizer"), _world_size(two, "tokenizer")) == (1, 2)

@@ -204,8 +204,9 @@ def _dist_worker(rank, world, init_file, out_dir, z_all):
         z = z_all[SPLITS[rank] : SPLITS[rank + 1]].clone().requires_grad_()
         hs, hc = entropy_terms(z, TAU, EPS, sync=True)
         (g,) = torch.autograd.grad(hc, z)
-        lfq = LFQ(bits=K_DIST).train()
-        out = lfq(z.detach().T.reshape(1, K_DIST, 1, -1).requires_grad_())
+        zq = z.detach().T.reshape(1, K_DIST, 1, -1)
+        out = LFQ(bits=K_DIST, codebook_entropy="global").train()(zq.clone().requires_grad_())
+        local = LFQ(bits=K_DIST).train()(zq.clone().requires_grad_())  # the original's: this process's tokens
         # VQ shares the process group here to save a second spawn: usage is global and restarts come from rank 0,
         # so both processes must end with identical codebooks although they see different data
         torch.manual_seed(0)
@@ -214,6 +215,7 @@ def _dist_worker(rank, world, init_file, out_dir, z_all):
         for _ in range(5):
             vq(torch.randn(2, 4, 3, 3) + 3 * rank)
         torch.save({"hc": hc.detach(), "grad": g, "module_hc": out.stats["entropy_codebook"],
+                    "module_hc_local": local.stats["entropy_codebook"],
                     "vq_embedding": vq.embedding.detach(), "vq_unused": vq.steps_unused,
                     "vq_restarted": vq.last_restarted}, f"{out_dir}/{rank}.pt")
     finally:
@@ -236,6 +238,8 @@ def test_synced_codebook_entropy_equals_concatenated_batch_and_vq_stays_in_sync(
     for r in range(2):
         torch.testing.assert_close(res[r]["hc"], hc_global.detach(), rtol=1e-5, atol=0)
         torch.testing.assert_close(res[r]["module_hc"], hc_global.detach(), rtol=1e-5, atol=0)
+        hc_local = entropy_terms(z_all[SPLITS[r]:SPLITS[r + 1]], TAU, EPS, sync=False)[1]
+        torch.testing.assert_close(res[r]["module_hc_local"], hc_local, rtol=1e-5, atol=0)
         # each process gets world_size x its partial derivative; DDP's averaging turns that into the exact gradient
         torch.testing.assert_close(res[r]["grad"], 2 * g_global[SPLITS[r] : SPLITS[r + 1]], rtol=1e-4, atol=1e-6)
     assert res[0]["vq_restarted"] > 0

@@ -134,8 +134,24 @@ def test_utilization_and_perplexity_from_hand_histogram():
     p = np.array([3, 2, 1, 6]) / 12
     assert out["utilization"] == pytest.approx(4 / 8)
     assert out["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
-    assert out["n_images"] == 3
+    assert out["n_images"] == 3 and out["n_tokens"] == 12
     assert out["psnr"] == math.inf or out["psnr"] > 100  # identical images
+
+
+def test_codebook_usage_and_n_come_from_every_batch_of_the_pass():
+    """Each batch uses its own codes: utilization, perplexity and N from any single batch would all differ."""
+    m = ReconstructionMetrics(codebook_size=64)
+    x = images(2, 8)
+    batches = [torch.arange(16 * b, 16 * b + 8).view(2, 2, 2) for b in range(3)]  # 8 codes each, disjoint
+    batches[2] = torch.full((2, 2, 2), 40)  # the last one a single code, 8 times
+    for idx in batches:
+        m.update(x, x, idx)
+    out = m.compute()
+    counts = torch.bincount(torch.cat([b.flatten() for b in batches]), minlength=64).double()
+    p = counts[counts > 0] / counts.sum()
+    assert out["utilization"] == pytest.approx(17 / 64) and out["n_tokens"] == 24 and out["n_images"] == 6
+    assert out["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())))
+    assert out["perplexity"] > 8  # more than any single batch could give
 
 
 def test_perplexity_of_uniform_usage_equals_codes_used():
@@ -171,7 +187,7 @@ def empty_hub(tmp_path, monkeypatch):
 
 
 def test_missing_weights_give_missing_with_the_setting_name(empty_hub):
-    lp, inc = load_lpips(None), inception_for_fid(None)
+    lp, inc = load_lpips(None, download=False), inception_for_fid(None, download=False)  # download: test_metric_weights
     assert isinstance(lp, Missing) and "metrics.vgg16_weights" in lp.reason
     assert isinstance(inc, Missing) and "metrics.inception_weights" in inc.reason
 
@@ -300,7 +316,7 @@ def test_states_are_summed_over_ranks_under_torch_distributed(tmp_path):
         p.join(timeout=60)
         assert p.exitcode == 0
     for rank in (0, 1):
-        for key in ("psnr", "ssim", "ssim_skimage", "utilization", "perplexity", "n_images", "rfid"):
+        for key in ("psnr", "ssim", "ssim_skimage", "utilization", "perplexity", "n_images", "n_tokens", "rfid"):
             assert results[rank][key] == pytest.approx(expected[key], rel=1e-4), (rank, key)
         assert isinstance(results[rank]["lpips"], Missing)
 

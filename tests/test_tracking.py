@@ -174,3 +174,30 @@ def test_bad_arguments(sqlite_root):
         m.log_metrics({"eval/fid": "n/a"}, step=0)
     with pytest.raises(ValueError, match="status"):
         m.end("DONE")
+
+
+def test_refusals_are_not_retried_but_outages_are():
+    """A 4xx answer (403 Invalid Host header, 401) stays one however often it is asked: retrying only hid the error
+    behind ~37 s of warnings. Connection failures and 5xx still are retried."""
+    from mlflow.exceptions import MlflowException
+
+    refused = "API request to endpoint /api/2.0/mlflow/runs/create failed with error code {} != 200. Response body: 'x'"
+    assert not tracking._transient(MlflowException(refused.format(403)))
+    assert not tracking._transient(MlflowException(refused.format(401)))
+    assert tracking._transient(MlflowException(refused.format(429)))
+    assert tracking._transient(MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
+                                               "exception HTTPConnectionPool: Max retries exceeded (Connection refused)"))
+
+
+def test_check_server_names_what_to_change_for_a_dead_server():
+    from mlflow_server import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as e:
+        tracking.check_server(uri)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    assert uri in msg and "Connection refused" in msg and "MLFLOW_TRACKING_URI" in msg and "tracking.uri" in msg, msg
+    assert took < 15, took  # MLflow's own client retries a dead server for minutes
+    tracking.check_server(f"sqlite:///{time.time()}.db")  # local stores: nothing to check

@@ -94,13 +94,20 @@ def test_headline_sweep_with_tiny_models_end_to_end(root):
 
 @pytest.mark.slow
 def test_ar_kill_and_resume_matches_uninterrupted(tmp_path):
+    # tokens=online (the original's): each step encodes its own crops; 16 images of batch 8 -> a new epoch (other
+    # crops) every 2 steps, so the resumed run must re-draw the crops of the epochs it re-enters
+    online = ["tokens=online", "data.train_size=16"]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    run_train(a)
+    run_train(a, *online)
     (ref_dir,) = [d for d in (a / "runs" / "ar").iterdir() if d.is_dir()]
     ref = load_ckpt(ref_dir)
+    run = mlflow.MlflowClient(f"sqlite:///{a}/mlflow.db").get_run(json.loads((ref_dir / "status.json").read_text())
+                                                                   ["mlflow_run_id"])
+    assert run.data.params["derived.tokens"] == "online" and run.data.params["tokens.name"] == "online"
+    assert not list((a / "cache").rglob("train-*.npz"))  # no train token cache: encoded at every step
     # b: kill during AR training (after its first checkpoint), start again
-    proc = subprocess.Popen(train_cmd(b), cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(b, *online), cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while not list((b / "runs" / "ar").glob("*/checkpoint.pt")) and time.time() < deadline:
         assert proc.poll() is None, "run ended before the AR checkpoint"
@@ -109,10 +116,23 @@ def test_ar_kill_and_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     (rd,) = [d for d in (b / "runs" / "ar").iterdir() if d.is_dir()]
     assert load_ckpt(rd)["step"] < 6
-    run_train(b)
+    run_train(b, *online)
     got = load_ckpt(rd)
     assert got["step"] == 6
     assert_same_weights(ref["model"], got["model"])
+
+
+@pytest.mark.slow
+def test_cached_tokens_end_to_end(root):
+    # tokens=cached: 2 crops x flip = 4 token variants per train image, extracted once, read by (epoch, image)
+    run_train(root, "tokens=cached", "tokens.crops=2", "tokens.flips=true", "data.train_size=16", "trainer.ar.steps=4")
+    (rd,) = [d for d in (root / "runs" / "ar").iterdir() if d.is_dir()]
+    st = json.loads((rd / "status.json").read_text())
+    assert st["state"] == "finished" and st["step"] == 4
+    run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(st["mlflow_run_id"])
+    assert run.data.params["derived.tokens"] == "cached" and run.data.params["derived.train_tokens"] == "64"
+    (done,) = list((root / "cache" / "tokens").glob("*/done.json"))
+    assert json.loads(done.read_text())["counts"] == {"train": 64, "val": 20}
 
 
 def test_explicit_tokenizer_checkpoint_errors(root):

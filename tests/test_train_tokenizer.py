@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, assert_same_weights, load_ckpt, run_train, train_cmd
+from conftest import REPO, assert_same_weights, kill_after_first_checkpoint, load_ckpt, run_train
 from magvit2.data.images import ImageFolder, PhotoCrops
 
 
@@ -28,6 +26,7 @@ def test_embedded_default_config():
     assert cfg["quantizer"]["_target_"] == "magvit2.quantizers.LFQ" and cfg["tokenizer"]["bits"] == 18
     assert cfg["factorization"]["bits"] == [6, 12] and cfg["model"]["name"] == "tiny"
     assert cfg["tokenizer"]["checkpoint"] == "auto"
+    assert cfg["data"]["crops"] == "per_epoch" and cfg["tokens"] == {"name": "online"}  # the original's data
     assert cfg["metrics"]["inception_weights"] is None  # offline: rFID/FID reported missing, never faked
 
 
@@ -86,21 +85,16 @@ def _tok_run_dir(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
+    # 8 images of batch 4: a new epoch (new crops, data.crops=per_epoch) every 2 steps, also right after the resume
+    tok = ["stage=tokenizer", "data.train_size=8"]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    run_train(a, "stage=tokenizer")
+    run_train(a, *tok)
     ref = load_ckpt(_tok_run_dir(a))
     assert ref["step"] == 6
 
     # b: SIGKILL (no chance to clean up) once the first checkpoint is on disk, then start again
-    proc = subprocess.Popen(train_cmd(b, "stage=tokenizer"), cwd=b, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((b / "runs" / "tokenizer").glob("*/checkpoint.pt")) and time.time() < deadline:
-        time.sleep(0.05)
-        assert proc.poll() is None, "run ended before its first checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(b, "tokenizer", *tok)
     rd = _tok_run_dir(b)
     killed_at = load_ckpt(rd)["step"]
     assert 0 < killed_at < 6
@@ -108,7 +102,7 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
     # as if the kill had come between the run's creation and its params: the resumed run must log them
     with sqlite3.connect(b / "mlflow.db") as db:
         db.execute("DELETE FROM params WHERE run_uuid = ?", (first_run,))
-    p = run_train(b, "stage=tokenizer")
+    p = run_train(b, *tok)
     assert f"resuming tokenizer" in p.stderr + p.stdout
     got = load_ckpt(rd)
     assert got["step"] == 6
@@ -136,7 +130,7 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
     assert run.data.tags["magvit2.checkpoint"] == str(rd / "checkpoint.pt")
 
     # a third start trains nothing: the run is finished
-    p = run_train(b, "stage=tokenizer")
+    p = run_train(b, *tok)
     assert "already finished" in p.stderr + p.stdout
 
 

@@ -16,6 +16,11 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
+# axis labels that say what a metric is (the in-loop FID is not the paper's 50k-sample gFID)
+LABELS = {"eval/fid": "FID (in-loop: samples vs val images)", "eval/is": "IS (in-loop samples)",
+          "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)"}
+
+
 def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=9)
 
@@ -41,8 +46,8 @@ def plot_scaling(df: pd.DataFrame, metric: str, path: str | Path | None = None,
         ax.set_xscale("log")
         ax.legend(title="factorization", fontsize=8)
     ax.set_xlabel("parameters" if x == "derived.params" else x)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs model size")
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.set_title(f"{LABELS.get(metric, metric)} vs model size")
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
@@ -59,8 +64,8 @@ def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None) ->
     else:
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(key)
+    ax.set_ylabel(LABELS.get(key, key))
+    ax.set_title(LABELS.get(key, key))
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 

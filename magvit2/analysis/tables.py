@@ -7,9 +7,14 @@ import math
 import numpy as np
 import pandas as pd
 
-TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR": "eval/psnr", "SSIM": "eval/ssim", "LPIPS": "eval/lpips",
-                     "utilization": "eval/utilization", "perplexity": "eval/perplexity"}
-AR_COLUMNS = {"FID": "eval/fid", "IS": "eval/is", "val loss": "val/loss"}  # + "val loss k" per sub-token, params
+# Each metric with its N: "N img" (val images behind rFID/PSNR/SSIM/LPIPS), "N tokens" (codes behind utilization
+# and perplexity), "N samples" / "N val img" (the in-loop FID: samples vs validation images, not the paper's 50k
+# gFID protocol). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian one says so.
+TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR": "eval/psnr", "SSIM": "eval/ssim_skimage",
+                     "SSIM (Gaussian 11x11)": "eval/ssim", "LPIPS": "eval/lpips", "N img": "eval/n_images",
+                     "utilization": "eval/utilization", "perplexity": "eval/perplexity", "N tokens": "eval/n_tokens"}
+AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N val img": "eval/n_real",
+              "val loss": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k" per sub-token, params
 MISSING = "—"
 
 
@@ -43,14 +48,14 @@ def _table(df: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.Dat
 
 
 def tokenizer_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows tokenizer x quantizer; columns rFID, PSNR, SSIM, LPIPS, utilization, perplexity, missing (reasons)."""
+    """Rows tokenizer x quantizer; columns TOKENIZER_COLUMNS (metrics with their N), missing (reasons)."""
     sub = _stage(df, "tokenizer")
     return _table(sub.assign(tokenizer=sub.get("choice.tokenizer"), quantizer=sub.get("choice.quantizer")),
                   ["tokenizer", "quantizer"], TOKENIZER_COLUMNS)
 
 
 def ar_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows factorization x model; columns FID, IS, val loss, val loss 1..M (per sub-token), params, missing."""
+    """Rows factorization x model; columns AR_COLUMNS, val loss 1..M (per sub-token), params, missing."""
     sub = _stage(df, "ar")
     subs = sorted((int(c.rsplit("_", 1)[1]) for c in sub.columns
                    if c.startswith("val/loss_") and c.rsplit("_", 1)[1].isdigit()))

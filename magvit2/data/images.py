@@ -1,6 +1,10 @@
 """Image data: the embedded photos (scikit-image) and image folders (ImageNet layout). Pixels in [-1, 1].
 
-Every sample is a pure function of (seed, index), so a resumed run sees exactly the data it would have seen.
+A sample is addressed by a key: an index j, or an (epoch, j) pair as GlobalBatchSampler yields them. Every sample
+is a pure function of (seed, epoch, j), so a resumed run sees exactly the data it would have seen. Train crops:
+`data.crops: per_epoch` (the original's: a new random crop at every fetch, so every epoch sees other crops; here
+drawn from (seed, epoch, j)) or `fixed` (one crop per image, from (seed, j), in every epoch). No flip. Val crops
+are deterministic (center / fixed grid) and ignore the epoch.
 """
 from __future__ import annotations
 
@@ -21,10 +25,29 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.to_tensor(img.convert("RGB")) * 2.0 - 1.0
 
 
-def resize_short(img: Image.Image, size: int) -> Image.Image:
+def resize_short(img: Image.Image, size: int, resize: str = "bicubic") -> Image.Image:
+    """Shorter side to `size`. resize="bilinear" is the original's torchvision T.Resize(size) (bilinear, antialiased,
+    longer side truncated); "bicubic" is PIL bicubic with the longer side rounded (this project's earlier choice)."""
+    if resize == "bilinear":
+        return TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    if resize != "bicubic":
+        raise ConfigError(f"data.resize={resize!r}: use bilinear (the original's) or bicubic")
     w, h = img.size
     s = size / min(w, h)
     return img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+
+
+def split_key(key) -> tuple[int, int]:
+    """(epoch, j) from a key: a plain index j is epoch 0."""
+    return (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
+
+
+def crop_rng(crops: str, seed: int, epoch: int, j: int) -> random.Random:
+    if crops == "fixed":
+        return random.Random(seed * 1_000_003 + j)
+    if crops == "per_epoch":  # a str seed is hashed with sha512: the same in every process and Python run
+        return random.Random(f"crop:{seed}:{epoch}:{j}")
+    raise ConfigError(f"data.crops={crops!r}: use per_epoch (the original's: a new crop every epoch) or fixed")
 
 
 def load_photo(name: str) -> Image.Image:
@@ -41,32 +64,35 @@ class PhotoCrops(Dataset):
     """Crops of scikit-image's photos. Class = photo. Train crops: random, from the top 3/4 of each photo; val
     crops: a fixed grid along the bottom 1/4, so the two splits share no pixels."""
 
-    def __init__(self, photos, resolution: int, scale: int, size: int, split: str, seed: int = 0):
+    def __init__(self, photos, resolution: int, scale: int, size: int, split: str, seed: int = 0,
+                 crops: str = "per_epoch"):
+        crop_rng(crops, seed, 0, 0)  # checks the setting
         if scale < resolution * 4:
             raise ConfigError(f"data.scale={scale} is too small for {resolution}px crops and a held-out bottom "
                              f"quarter: use data.scale >= {resolution * 4}")
         self.images = [resize_short(load_photo(p), scale) for p in photos]
-        self.res, self.size, self.split, self.seed = resolution, size, split, seed
+        self.res, self.size, self.split, self.seed, self.crops = resolution, size, split, seed, crops
         self.num_classes = len(self.images)
 
     def __len__(self):
         return self.size
 
-    def _box(self, img: Image.Image, i: int):
+    def _box(self, img: Image.Image, i: int, epoch: int = 0):
         w, h = img.size
         top_h = (h * 3) // 4
         if self.split == "train":
-            rng = random.Random(self.seed * 1_000_003 + i)
+            rng = crop_rng(self.crops, self.seed, epoch, i)
             return rng.randint(0, w - self.res), rng.randint(0, top_h - self.res)
         per = self.size // self.num_classes + 1
         j = i // self.num_classes
         x = round(j * (w - self.res) / max(per - 1, 1))
         return x, top_h + (j % 2) * (h - self.res - top_h)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = split_key(key)
         c = i % self.num_classes
         img = self.images[c]
-        x, y = self._box(img, i)
+        x, y = self._box(img, i, epoch)
         return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
 
 
@@ -82,7 +108,9 @@ class ImageFolder(Dataset):
     """<path>/train|val/<class>/*; without val/, a deterministic split of <path>/<class>/* by file order."""
 
     def __init__(self, path: str, resolution: int, split: str, val_fraction: float = 0.02, val_size=None,
-                 seed: int = 0):
+                 seed: int = 0, crops: str = "per_epoch", resize: str = "bilinear"):
+        crop_rng(crops, seed, 0, 0)  # checks the setting
+        resize_short(Image.new("RGB", (2, 2)), 1, resize)  # checks the setting
         root = Path(path)
         if not root.is_dir():
             raise ConfigError(f"data.path={path} does not exist or is not a folder: point it at an image folder "
@@ -99,30 +127,34 @@ class ImageFolder(Dataset):
         if split == "val" and val_size:
             items = items[:: max(1, len(items) // int(val_size))][: int(val_size)]
         self.items, self.classes, self.res, self.split, self.seed = items, classes, resolution, split, seed
+        self.crops, self.resize = crops, resize
         self.num_classes = len(classes)
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        epoch, i = split_key(key)
         p, c = self.items[i]
-        img = resize_short(Image.open(p).convert("RGB"), self.res)
+        img = resize_short(Image.open(p).convert("RGB"), self.res, self.resize)
         w, h = img.size
         if self.split == "train":
-            rng = random.Random(self.seed * 1_000_003 + i)
+            rng = crop_rng(self.crops, self.seed, epoch, i)
             x, y = rng.randint(0, w - self.res), rng.randint(0, h - self.res)
-        else:
-            x, y = (w - self.res) // 2, (h - self.res) // 2
+        else:  # torchvision's CenterCrop offsets (the original's val transform)
+            x, y = int(round((w - self.res) / 2.0)), int(round((h - self.res) / 2.0))
         return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
 
 
 def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
     if data_cfg.name == "photos":
         size = data_cfg.train_size if split == "train" else data_cfg.val_size
-        return PhotoCrops(list(data_cfg.photos), data_cfg.resolution, data_cfg.scale, size, split, seed)
+        return PhotoCrops(list(data_cfg.photos), data_cfg.resolution, data_cfg.scale, size, split, seed,
+                          data_cfg.get("crops", "per_epoch"))
     if data_cfg.name == "imagefolder":
         if data_cfg.path is None:
             raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
         return ImageFolder(data_cfg.path, data_cfg.resolution, split, data_cfg.val_fraction,
-                           data_cfg.get("val_size"), seed)
+                           data_cfg.get("val_size"), seed, data_cfg.get("crops", "per_epoch"),
+                           data_cfg.get("resize", "bicubic"))  # configs from before the setting: bicubic
     raise ConfigError(f"data={data_cfg.name}: unknown data set; use data=photos or data=imagefolder")

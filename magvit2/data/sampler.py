@@ -1,7 +1,9 @@
 """Global batches as a pure function of (seed, step): resume and multi-process runs see the same data.
 
 Step s of a run uses global batch s of an endless stream of epoch permutations. Each process takes its contiguous
-slice of the global batch, so N processes x B/N samples sum to exactly the 1-process batch of B.
+slice of the global batch, so N processes x B/N samples sum to exactly the 1-process batch of B. The sampler yields
+(epoch, j) keys: the data set draws what changes per epoch (train crops, the cached token variant) from
+(seed, epoch, j), so a resumed run fetches exactly what the uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -19,15 +21,15 @@ class GlobalBatchSampler(Sampler):
         self.rank, self.world, self.micro = rank, world, micro_batches
         self._perm_epoch, self._perm = -1, None
 
-    def _index(self, i: int) -> int:
+    def _key(self, i: int) -> tuple[int, int]:
         epoch, j = divmod(i, self.n)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return int(self._perm[j])
+        return epoch, int(self._perm[j])
 
-    def global_batch(self, step: int) -> list[int]:
-        return [self._index(step * self.B + k) for k in range(self.B)]
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        return [self._key(step * self.B + k) for k in range(self.B)]
 
     def __iter__(self):
         step = self.step

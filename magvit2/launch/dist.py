@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+RNG_FORMAT = 2  # 1 (unversioned): pickled Python/numpy objects, refused by weights_only loading
+
 
 def export_slurm_env() -> None:
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
@@ -41,15 +43,28 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain numbers only, so checkpoints load with torch.load(weights_only=True)
+    (a pickled numpy array or Python object would need the unpickler to run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"format": RNG_FORMAT,
+          "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                     "gauss": None if gauss is None else float(gauss)},
+          "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    if not isinstance(st, dict) or st.get("format") != RNG_FORMAT:
+        raise ValueError(f"RNG state of an unknown format ({type(st).__name__}): written by another magvit2 version")
+    py, npy = st["python"], st["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

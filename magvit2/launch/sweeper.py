@@ -58,6 +58,9 @@ class Magvit2Sweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config) -> None:
         from hydra.core.plugins import Plugins
         self.hydra_context, self.config = hydra_context, config
+        # Hydra sets HydraConfig only per job, but the launcher's submitit_folder (${paths.root}) may resolve
+        # ${hydra:runtime.cwd} when the launcher is instantiated here: set it from the multirun config first.
+        HydraConfig.instance().set_config(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -109,6 +112,11 @@ class Magvit2Sweeper(Sweeper):
         stage = str(self.config.stage)
         exp = f"{self.config.tracking.experiment_prefix}-{stage}"
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, self.config.tracking.uri))
+        try:  # before anything is submitted: a refused tracking server fails the sweep once, with what to change
+            tracking.check_server()
+        except tracking.TrackingError as e:
+            print(f"error: the sweep was not started: {e}", file=sys.stderr)
+            sys.exit(2)
         parent = tracking.ensure_sweep_run(exp, root, sid, stage, " ".join(arguments), len(rows))
         launcher = getattr(self.launcher, "_EXECUTOR", "basic")  # submitit launchers: "slurm" | "local"
         state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(self.config.hydra.sweep.dir), launcher,

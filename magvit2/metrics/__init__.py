@@ -1,11 +1,13 @@
 """Evaluation metrics: reconstruction (PSNR, SSIM, LPIPS, rFID, codebook usage) and generation (FID, IS).
 
-Pretrained networks come from local files only; without them a metric is a Missing(reason), never a number.
+Pretrained networks: local file, hub cache or download (pretrained.py); without them a metric is a
+Missing(reason), never a number.
 """
 from .adm import export_adm_npz
 from .generation import GenerationMetrics
 from .missing import Missing, metric_value, missing_reasons
-from .pretrained import InceptionFeatures, inception_for_fid, load_lpips
+from .pretrained import (InceptionFeatures, find_weights, inception_for_fid, inception_from_config, load_lpips,
+                         lpips_from_config)
 from .reconstruction import ReconstructionMetrics, codebook_stats
 from .ssim import ssim_uniform
 
@@ -16,8 +18,11 @@ __all__ = [
     "ReconstructionMetrics",
     "codebook_stats",
     "export_adm_npz",
+    "find_weights",
     "inception_for_fid",
+    "inception_from_config",
     "load_lpips",
+    "lpips_from_config",
     "metric_value",
     "missing_reasons",
     "ssim_uniform",

@@ -1,14 +1,21 @@
-"""Pretrained networks for the metrics, from local files only (nothing may be downloaded at run time).
+"""Pretrained networks for the metrics: a local file, else torch hub's cache, else a download into that cache.
 
+Order for each file: its path setting (metrics.inception_weights / metrics.vgg16_weights; set but absent is an
+error), then torch.hub.get_dir()/checkpoints/<library file name>, then the library's own URL (overridable, e.g. a
+mirror; metrics.download=false switches it off). Only when all fail is the metric a Missing whose reason lists
+what was tried, never a number from random weights.
 LPIPS: the lpips package's calibrated linear layers ship inside its wheel; its trunk (torchvision VGG16/AlexNet)
 is built randomly and then overwritten from a torchvision state_dict file.
 FID/IS: torch-fidelity's InceptionV3 (pt_inception-2015-12-05 weights, the TF FID graph converted to PyTorch).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,14 +23,36 @@ from torch import nn
 
 from .missing import Missing
 
-# torchvision file name of each LPIPS trunk, and the setting that points at it.
+log = logging.getLogger(__name__)
+DOWNLOAD_TIMEOUT_S = 10.0  # per socket operation: a firewalled cluster must not stall every evaluation for long
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    what: str  # for messages
+    names: tuple[str, ...]  # file names in torch hub's checkpoint dir; a download is saved under the first
+    setting: str  # the local path setting
+    url_setting: str
+    url: str  # the library's own URL
+    sha256: str | None  # prefix checked when downloading from `url` (torchvision checks it too); None: not known
+
+
+# torch-fidelity downloads the Inception to the first name, pytorch-fid to the second; same converted TF graph.
+INCEPTION = WeightFile("InceptionV3 FID weights (torch-fidelity/pytorch-fid pt_inception-2015-12-05-6726825d.pth)",
+                       ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth"),
+                       "metrics.inception_weights", "metrics.inception_url",
+                       "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                       "weights-inception-2015-12-05-6726825d.pth", None)
 LPIPS_TRUNKS = {
-    "vgg": ("vgg16-397923af.pth", "metrics.vgg16_weights", "torchvision vgg16-397923af.pth"),
-    "alex": ("alexnet-owt-7be5be79.pth", "metrics.alexnet_weights", "torchvision alexnet-owt-7be5be79.pth"),
+    "vgg": WeightFile("VGG16 weights (torchvision vgg16-397923af.pth)", ("vgg16-397923af.pth",),
+                      "metrics.vgg16_weights", "metrics.vgg16_url",
+                      "https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"),
+    "alex": WeightFile("AlexNet weights (torchvision alexnet-owt-7be5be79.pth)", ("alexnet-owt-7be5be79.pth",),
+                       "metrics.alexnet_weights", "metrics.alexnet_url",
+                       "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79"),
 }
-# torch-fidelity downloads to the first name, pytorch-fid to the second; same converted TF graph, same keys.
-INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
-INCEPTION_SETTING = "metrics.inception_weights"
+INCEPTION_FILES, INCEPTION_SETTING = INCEPTION.names, INCEPTION.setting
+_FAILED: dict[str, str] = {}  # url -> error: periodic evaluations do not retry a dead download in one process
 
 
 def hub_checkpoint(name: str) -> Path | None:
@@ -39,22 +68,58 @@ def _existing(path: str | os.PathLike, setting: str) -> Path:
     return p
 
 
-def load_lpips(vgg_weights: str | os.PathLike | None, net: str = "vgg") -> "lpips.LPIPS | Missing":  # noqa: F821
-    """Frozen lpips.LPIPS (eval mode) with its trunk loaded from a local torchvision state_dict, or Missing.
+def _download(url: str, dst: Path, sha256: str | None) -> str | None:
+    """None on success, else the error. Atomic: torch.hub writes a .partial file and renames it."""
+    if url in _FAILED:
+        return _FAILED[url] + " (earlier in this process)"
+    log.info(f"downloading {url} -> {dst}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # download_url_to_file takes no timeout; urlopen uses this one
+    try:
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix=sha256, progress=False)
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure (DNS, refused, HTTP error, hash) means "not available"
+        _FAILED[url] = f"{type(e).__name__}: {e}"
+        return _FAILED[url]
+    finally:
+        socket.setdefaulttimeout(old)
 
-    `vgg_weights` is the trunk file (for net='alex' an AlexNet file); None looks in torch.hub's checkpoint dir.
+
+def find_weights(spec: WeightFile, path, url: str | None = None, download: bool = True) -> Path | Missing:
+    """The weight file: `path` (must exist), else the hub cache, else a download from `url` (default: the
+    library's) into the cache; Missing listing what was tried when all three fail."""
+    if path is not None:
+        return _existing(path, spec.setting)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    found = next((p for p in map(hub_checkpoint, spec.names) if p is not None), None)
+    if found is not None:
+        return found
+    url = url or spec.url
+    tried = [f"{spec.setting} unset", f"not in torch hub's cache {cache}"]
+    if not download:
+        tried.append("download off (metrics.download=false)")
+    else:
+        # the known hash only fits the library's own file; a mirror's file is checked by loading it strictly
+        err = _download(url, cache / spec.names[0], spec.sha256 if url == spec.url else None)
+        if err is None:
+            return cache / spec.names[0]
+        tried.append(f"download from {spec.url_setting}={url} failed ({err})")
+    return Missing(f"no {spec.what}: {'; '.join(tried)}; set {spec.setting}=PATH")
+
+
+def load_lpips(vgg_weights: str | os.PathLike | None, net: str = "vgg", *, url: str | None = None,
+               download: bool = True) -> "lpips.LPIPS | Missing":  # noqa: F821
+    """Frozen lpips.LPIPS (eval mode) with its trunk loaded from a torchvision state_dict, or Missing.
+
+    `vgg_weights` is the trunk file (for net='alex' an AlexNet file); None: hub cache, then download (find_weights).
     """
     if net not in LPIPS_TRUNKS:
         raise ValueError(f"net={net!r}: supported LPIPS trunks are {sorted(LPIPS_TRUNKS)}")
-    fname, setting, what = LPIPS_TRUNKS[net]
-    if vgg_weights is None:
-        found = hub_checkpoint(fname)
-        if found is None:
-            trunk = "VGG16" if net == "vgg" else "AlexNet"
-            return Missing(f"no {trunk} weights: set {setting}=PATH ({what})")
-        path = found
-    else:
-        path = _existing(vgg_weights, setting)
+    setting = LPIPS_TRUNKS[net].setting
+    path = find_weights(LPIPS_TRUNKS[net], vgg_weights, url, download)
+    if isinstance(path, Missing):
+        return path
 
     import lpips
 
@@ -105,19 +170,25 @@ class InceptionFeatures(nn.Module):
         return torch.cat([pool, logits], dim=1)
 
 
-def inception_for_fid(weights: str | os.PathLike | None) -> InceptionFeatures | Missing:
-    """The FID/IS Inception from a local pt_inception-2015-12-05 file; None looks in torch.hub's checkpoint dir."""
-    if weights is None:
-        found = next((p for p in map(hub_checkpoint, INCEPTION_FILES) if p is not None), None)
-        if found is None:
-            return Missing(
-                f"no InceptionV3 FID weights: set {INCEPTION_SETTING}=PATH (torch-fidelity/pytorch-fid "
-                f"pt_inception-2015-12-05-6726825d.pth)"
-            )
-        path = found
-    else:
-        path = _existing(weights, INCEPTION_SETTING)
+def inception_for_fid(weights: str | os.PathLike | None, *, url: str | None = None,
+                      download: bool = True) -> InceptionFeatures | Missing:
+    """The FID/IS Inception from a pt_inception-2015-12-05 file; None: hub cache, then download (find_weights)."""
+    path = find_weights(INCEPTION, weights, url, download)
+    if isinstance(path, Missing):
+        return path
     try:
         return InceptionFeatures(path)
     except RuntimeError as e:  # load_state_dict key/shape mismatch
         raise ValueError(f"{INCEPTION_SETTING}={path}: not a pt_inception-2015-12-05 state_dict ({e})") from e
+
+
+def inception_from_config(metrics_cfg) -> InceptionFeatures | Missing:
+    """inception_for_fid with the `metrics:` config block's settings (weights, url, download)."""
+    g = metrics_cfg.get
+    return inception_for_fid(g("inception_weights"), url=g("inception_url"), download=bool(g("download", True)))
+
+
+def lpips_from_config(metrics_cfg, net: str = "vgg") -> "lpips.LPIPS | Missing":  # noqa: F821
+    """load_lpips (VGG trunk) with the `metrics:` config block's settings (weights, url, download)."""
+    g = metrics_cfg.get
+    return load_lpips(g("vgg16_weights"), net, url=g("vgg16_url"), download=bool(g("download", True)))

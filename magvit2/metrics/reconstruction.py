@@ -11,7 +11,8 @@ All on [0,1] images after clipping both inputs to [-1,1]; every value is a mean 
   upwards at small N (a 2048-d covariance needs thousands of images; the reference uses the 50k ImageNet val
   images), so 'n_images' is reported next to it: compare rFIDs only at equal N.
 - 'utilization': share of the codebook_size codes that occurred at least once; 'perplexity': exp(entropy) of the
-  code histogram (= number of codes in use if they were used equally often).
+  code histogram (= number of codes in use if they were used equally often). Both come from one histogram summed
+  over every batch of the pass and every rank, never from one batch; 'n_tokens' is its total.
 """
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ class ReconstructionMetrics:
         if self.n_images.update_count == 0:
             raise RuntimeError("ReconstructionMetrics.compute() before any update()")
         n = self.n_images.total()
-        utilization, perplexity = codebook_stats(self.codes.compute())
+        counts = self.codes.compute()
+        utilization, perplexity = codebook_stats(counts)
         out: dict[str, float | Missing] = {
             "psnr": float(self.psnr.compute()),
             "ssim": float(self.ssim.compute()),
@@ -109,6 +111,7 @@ class ReconstructionMetrics:
             "utilization": utilization,
             "perplexity": perplexity,
             "n_images": float(n),
+            "n_tokens": float(counts.sum()),
         }
         if isinstance(self.inception, Missing):
             out["rfid"] = self.inception

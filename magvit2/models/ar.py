@@ -8,8 +8,12 @@ Architecture choices (the parameter counts of B / L / XL in the paper, 343.6M / 
 - intra input per position t: [h_t, E_1(s_{1,t}), ..., E_{M-1}(s_{M-1,t})] reusing the SAME tables E_j as the inter
   input (a separate intra table would add 64 * dim and make XL 1486.8M), h_t fed raw (no norm in between).
 - one RMSNorm shared by all heads (after the intra blocks, or after the inter blocks when n_intra = 0).
-- 2D RoPE in the inter blocks (class slot: identity rotation, see llama.rope_table); no positional encoding in the
-  intra blocks: slots are told apart by content (h_t vs distinct tables) and by the causal mask.
+- 2D RoPE in the inter blocks. class_rope="zero" (the original's): the class slot's table row is 0, which zeroes its
+  q and k, and the intra blocks use the first M rows of the same table (slot 0 zeroed, slot j >= 1 rotated as grid
+  position j-1: the identity for M = 2), as the original does. class_rope="identity": the class slot is not rotated
+  and the intra blocks have no positional encoding (slots told apart by content and the causal mask).
+- Embedding dropout on the inter input only (the original's); intra_embed_dropout=True also drops the intra
+  blocks' sub-token inputs.
 """
 from __future__ import annotations
 
@@ -52,6 +56,8 @@ class ARConfig:
     ffn_dropout: float = 0.1
     attn_dropout: float = 0.0
     rope_base: float = 10000.0
+    class_rope: str = "zero"  # "zero" (original) | "identity"; see the module docstring
+    intra_embed_dropout: bool = False  # original: no dropout on the intra blocks' sub-token inputs
     norm_eps: float = 1e-5
     multiple_of: int = 256
 
@@ -67,6 +73,11 @@ class ARConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.n_inter < 1:
             raise ValueError(f"n_inter={self.n_inter} must be >= 1")
+        if self.class_rope not in ("zero", "identity"):
+            raise ValueError(f"class_rope={self.class_rope!r}: use 'zero' (the original's) or 'identity'")
+        if self.class_rope == "zero" and len(self.bits) > self.grid * self.grid + 1:
+            raise ValueError(f"class_rope='zero' rotates the M={len(self.bits)} intra slots by the first M RoPE rows, "
+                             f"but grid={self.grid} has only {self.grid ** 2 + 1}: use class_rope='identity'")
         if self.grid < 1 or self.num_classes < 1:
             raise ValueError(f"grid={self.grid} and num_classes={self.num_classes} must be >= 1")
         for name in ("class_dropout", "embed_dropout", "resid_dropout", "ffn_dropout", "attn_dropout"):
@@ -111,7 +122,7 @@ class FactorizedAR(nn.Module):
         self.intra = nn.ModuleList(Block(d, cfg.n_heads, hidden, cfg.norm_eps, **drops) for _ in range(cfg.n_intra))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.vocab_sizes)
-        cos, sin = rope_table(cfg.grid, d // cfg.n_heads, cfg.rope_base)
+        cos, sin = rope_table(cfg.grid, d // cfg.n_heads, cfg.rope_base, cfg.class_rope)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -158,10 +169,12 @@ class FactorizedAR(nn.Module):
 
     def _intra(self, h: Tensor, prev: Tensor) -> Tensor:
         """Intra stack on [h, E_1(prev_1), ..., E_n(prev_n)]; h (N, dim), prev (N, n) -> normed (N, n+1, dim)."""
-        slots = [h[:, None]] + [self.embed_drop(self.tok_emb[j](prev[:, j]))[:, None] for j in range(prev.shape[1])]
+        drop = self.embed_drop if self.cfg.intra_embed_dropout else (lambda e: e)
+        slots = [h[:, None]] + [drop(self.tok_emb[j](prev[:, j]))[:, None] for j in range(prev.shape[1])]
         x = torch.cat(slots, dim=1)
+        rope = self._rope(0, x.shape[1]) if self.cfg.class_rope == "zero" else None
         for blk in self.intra:
-            x = blk(x)
+            x = blk(x, rope)
         return self.norm(x)
 
     # ---- training -----------------------------------------------------------------------------------------------

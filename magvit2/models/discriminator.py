@@ -60,9 +60,18 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def generator_adv_loss(logits_fake: Tensor) -> Tensor:
-    """Non-saturating generator loss: E[softplus(-D(x_hat))] = -E[log sigmoid(D(x_hat))]."""
-    return F.softplus(-logits_fake).mean()
+def generator_adv_loss(logits_fake: Tensor, reduce: str = "image") -> Tensor:
+    """Non-saturating generator loss -log sigmoid(D(x_hat)) = softplus(-D(x_hat)).
+
+    reduce="image" (the original's): average each image's patch logits first, then the loss, then the batch mean.
+    reduce="patch": the loss per patch logit, then the mean over all patches (a different gradient: every patch is
+    pushed separately, and a confident patch no longer offsets a poor one).
+    """
+    if reduce == "image":
+        return F.softplus(-logits_fake.flatten(1).mean(1)).mean()
+    if reduce == "patch":
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"reduce={reduce!r}: use 'image' (the original's) or 'patch'")
 
 
 class LeCAM(nn.Module):

@@ -29,17 +29,22 @@ def rope_2d_angles(rows: Tensor, cols: Tensor, head_dim: int, base: float = 1000
     return torch.cat([ang_r, ang_c], dim=-1)
 
 
-def rope_table(grid: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos, sin (grid*grid, head_dim/2) for the inter sequence [class, e_0, ..., e_{T-2}].
+def rope_table(grid: int, head_dim: int, base: float = 10000.0, class_row: str = "zero") -> tuple[Tensor, Tensor]:
+    """cos, sin (grid*grid + 1, head_dim/2): row 0 for the class slot, row i >= 1 for token i-1 (the inter sequence
+    [class, e_0, ..., e_{T-2}] uses the first T rows; the original's table has all T + 1).
 
-    Input slot i >= 1 holds token i-1 and is rotated by that token's (row, col); slot 0 (the class embedding) has no
-    grid position and gets the identity rotation (angle 0), so it acts as a position-free prefix.
+    Input slot i >= 1 holds token i-1 and is rotated by that token's (row, col). Slot 0 (the class embedding) has no
+    grid position: class_row="zero" (the original's, LlamaGen's layout) gives it cos = sin = 0, which zeroes the
+    class slot's q and k; class_row="identity" gives it angle 0, a position-free prefix whose q and k stay live.
     """
+    if class_row not in ("zero", "identity"):
+        raise ValueError(f"class_row={class_row!r}: use 'zero' (the original's) or 'identity'")
     T = grid * grid
-    tok = torch.arange(T - 1)
+    tok = torch.arange(T)
     ang = rope_2d_angles(tok // grid, tok % grid, head_dim, base)
-    ang = torch.cat([torch.zeros(1, head_dim // 2, dtype=ang.dtype), ang], dim=0)
-    return ang.cos().float(), ang.sin().float()
+    cos, sin = ang.cos().float(), ang.sin().float()
+    first = torch.zeros(1, head_dim // 2) if class_row == "zero" else torch.ones(1, head_dim // 2)
+    return torch.cat([first, cos]), torch.cat([torch.zeros(1, head_dim // 2), sin])
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

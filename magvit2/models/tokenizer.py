@@ -68,24 +68,32 @@ class ResBlock(nn.Module):
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine, modulated by a per-image style taken from the quantized latent.
 
-    scale = Linear(K->C)(spatial std of z), shift = Linear(K->C)(spatial mean of z).
-    Init: Linears keep PyTorch's default (non-zero) weights so the style path is live from step 0; the scale's
-    bias starts at 1 so that at init the layer is close to a plain GroupNorm (weight 1, bias 0) instead of
-    multiplying activations by a random, possibly negative, factor.
+    scale = Linear(K->C)(spatial std of z), shift = Linear(K->C)(spatial mean of z), std = sqrt(var + eps).
+    variance="unbiased" (the original's: torch.var's default, which needs h*w > 1) or "population" (correction 0).
+    scale_init="default" (the original's: PyTorch's Linear init, so the layer starts as a random per-channel
+    scale) or "one" (scale bias 1: the layer starts close to a plain GroupNorm).
     """
 
-    def __init__(self, z_channels: int, channels: int, eps: float = GN_EPS):
+    def __init__(self, z_channels: int, channels: int, eps: float = GN_EPS, variance: str = "unbiased",
+                 scale_init: str = "default"):
         super().__init__()
+        if variance not in ("unbiased", "population"):
+            raise ValueError(f"variance={variance!r}: use 'unbiased' (the original's) or 'population'")
+        if scale_init not in ("default", "one"):
+            raise ValueError(f"scale_init={scale_init!r}: use 'default' (the original's) or 'one'")
         self.norm = group_norm(channels, affine=False)
         self.scale = nn.Linear(z_channels, channels)
         self.shift = nn.Linear(z_channels, channels)
-        self.eps = eps
-        nn.init.ones_(self.scale.bias)
+        self.eps, self.correction = eps, 1 if variance == "unbiased" else 0
+        if scale_init == "one":
+            nn.init.ones_(self.scale.bias)
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        # Population variance (correction=0) so a 1x1 latent is valid; eps keeps sqrt's gradient finite at var=0.
-        var, mean = torch.var_mean(z.float(), dim=(2, 3), correction=0)
-        std = (var + self.eps).sqrt().to(z.dtype)
+        if self.correction and z.shape[2] * z.shape[3] < 2:
+            raise ValueError("the unbiased variance of a 1x1 latent is undefined: use a larger image or "
+                             "variance='population'")
+        var, mean = torch.var_mean(z.float(), dim=(2, 3), correction=self.correction)
+        std = (var + self.eps).sqrt().to(z.dtype)  # eps keeps sqrt's gradient finite at var = 0
         scale = rearrange(self.scale(std), "b c -> b c 1 1")
         shift = rearrange(self.shift(mean.to(z.dtype)), "b c -> b c 1 1")
         return self.norm(x) * scale + shift
@@ -130,7 +138,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=18, out_channels=3):
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=18, out_channels=3,
+                 adagn_variance: str = "unbiased", adagn_scale_init: str = "default"):
         super().__init__()
         ch_mult = _check_arch(ch, ch_mult, num_res_blocks, z_channels)
         c_in = ch * ch_mult[-1]
@@ -140,7 +149,7 @@ class Decoder(nn.Module):
         for i in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[i]
             level = nn.Module()
-            level.norm = AdaptiveGroupNorm(z_channels, c_in)
+            level.norm = AdaptiveGroupNorm(z_channels, c_in, variance=adagn_variance, scale_init=adagn_scale_init)
             level.blocks = nn.Sequential(*[ResBlock(c_in if j == 0 else c_out, c_out) for j in range(num_res_blocks)])
             level.up = Upsample(c_out) if i > 0 else nn.Identity()
             self.levels.append(level)
@@ -161,7 +170,8 @@ class Tokenizer(nn.Module):
     resolution (it fixes `token_grid`), but any H, W divisible by `downsample` is accepted (zero-shot 256px for 128-L).
     """
 
-    def __init__(self, quantizer: nn.Module, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, resolution: int = 256):
+    def __init__(self, quantizer: nn.Module, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, resolution: int = 256,
+                 adagn_variance: str = "unbiased", adagn_scale_init: str = "default"):
         super().__init__()
         z_channels = getattr(quantizer, "dim", None)
         if not isinstance(z_channels, int) or z_channels < 1:
@@ -178,7 +188,8 @@ class Tokenizer(nn.Module):
         self.z_channels = z_channels
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels)
         self.quantizer = quantizer
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, adagn_variance=adagn_variance,
+                               adagn_scale_init=adagn_scale_init)
 
     def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -18,9 +18,10 @@ logit leaves log_softmax unchanged, so eps has no effect there and the Bernoulli
 codebook entropy as -sum p_bar log(p_bar + eps); we hold p_bar itself, so we apply eps the same way. Both terms and
 their gradients match the dense formula to rounding (tests/test_lfq.py checks rel err <= 1e-5 in float64).
 
-Distributed. With torch.distributed initialized and sync_codebook=True, the unnormalized p_bar (and the token
-count) is summed over processes before the entropy, so H_codebook is that of the global batch rather than being
-capped at ln(N_local) as in the reference. The sum's backward is again a sum over processes, so each process gets
+Distributed. codebook_entropy="local" (the original's) computes H_codebook over each process's own tokens, so it
+is capped at ln(N_local). With codebook_entropy="global" and torch.distributed initialized, the unnormalized p_bar
+(and the token count) is summed over processes before the entropy, so H_codebook is that of the global batch: a
+different objective. The sum's backward is again a sum over processes, so each process gets
 world_size x its local partial derivative, and DDP's gradient averaging then yields exactly the gradient of the
 global codebook entropy. Every process must call forward in training mode the same number of times (it is a
 collective). In eval mode the codebook entropy is local only (no collective, so evaluating on one rank is safe).
@@ -179,7 +180,7 @@ class LFQ(nn.Module):
     loss = commit_weight * MSE(z, sign(z)) + entropy_weight * (sample_weight * H_sample - codebook_weight * H_codebook)
     (low per-token entropy = confident bits; high codebook entropy = all codes used).
     The entropy terms are computed in every mode (cheap: one 2^(K/2) x N x 2^(K/2) matmul) so evaluation can log
-    them; they are all-reduced only in training mode with grad enabled (sync_codebook=True), never in eval.
+    them; they are all-reduced only in training mode with grad enabled (codebook_entropy="global"), never in eval.
     """
 
     def __init__(
@@ -191,13 +192,16 @@ class LFQ(nn.Module):
         codebook_weight: float = 1.0,
         tau: float = 0.01,
         eps: float = 1e-5,
-        sync_codebook: bool = True,
+        codebook_entropy: str = "local",
     ):
         super().__init__()
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
             raise ValueError(f"bits must be an int in [1, {MAX_BITS}] (the reference uses 18), got {bits!r}")
         if not tau > 0:
             raise ValueError(f"tau must be > 0 (the reference uses 0.01), got {tau}")
+        if codebook_entropy not in ("local", "global"):
+            raise ValueError(f"codebook_entropy={codebook_entropy!r}: use 'local' (the original's, per process) or "
+                             f"'global' (all-reduced over processes)")
         if eps < 0:
             raise ValueError(f"eps must be >= 0 (the reference uses 1e-5), got {eps}")
         self.bits = bits
@@ -209,10 +213,11 @@ class LFQ(nn.Module):
         self.codebook_weight = codebook_weight
         self.tau = tau
         self.eps = eps
-        self.sync_codebook = sync_codebook
+        self.codebook_entropy = codebook_entropy
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, tau={self.tau}, entropy_weight={self.entropy_weight}"
+        return (f"bits={self.bits}, tau={self.tau}, entropy_weight={self.entropy_weight}, "
+                f"codebook_entropy={self.codebook_entropy}")
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.ndim != 4 or z.shape[1] != self.dim:
@@ -230,7 +235,7 @@ class LFQ(nn.Module):
                 rearrange(z, "b k h w -> (b h w) k"),
                 self.tau,
                 self.eps,
-                sync=self.sync_codebook and self.training and with_grad,
+                sync=self.codebook_entropy == "global" and self.training and with_grad,
             )
         entropy = self.sample_weight * h_sample - self.codebook_weight * h_codebook
         loss = self.commit_weight * commit + self.entropy_weight * entropy

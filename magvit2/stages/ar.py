@@ -1,5 +1,6 @@
 """Stage II: the class-conditional Llama generator with asymmetric token factorization and next-sub-token
-prediction, trained on token shards of the frozen tokenizer; sampling and FID/IS at the end."""
+prediction, trained on the frozen tokenizer's tokens (encoded every step or cached: magvit2/data/tokens.py);
+sampling and FID/IS at the end."""
 from __future__ import annotations
 
 import logging
@@ -23,27 +24,36 @@ def ar_config(cfg, grid: int) -> ARConfig:
     m = cfg.model
     return ARConfig(bits=tuple(cfg.factorization.bits), dim=m.dim, n_inter=m.n_inter, n_intra=m.n_intra,
                     n_heads=m.n_heads, num_classes=m.num_classes, grid=grid, class_dropout=m.class_dropout,
-                    embed_dropout=m.embed_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout)
+                    embed_dropout=m.embed_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout,
+                    # run dirs written before these settings existed were trained with identity / intra dropout
+                    class_rope=m.get("class_rope", "identity"),
+                    intra_embed_dropout=m.get("intra_embed_dropout", True))
 
 
 def lr_lambda(t):
-    """Linear warmup from 0.005x, flat for flat_fraction of the rest, then linear decay to final_lr_ratio."""
-    warm, total = int(t.warmup_steps), int(t.steps)
-    flat_end = warm + int(t.flat_fraction * (total - warm))
+    """The original's AR schedule (VAR's lr_wd_annealing): linear warmup from 0.005x over warmup_steps; then, with
+    progress p = (step - warmup) / (steps - 1 - warmup), flat at the peak while p < flat_fraction, then linear
+    decay from 1 at p = flat_fraction to final_lr_ratio at p = 1."""
+    warm, total, T, end = round(t.warmup_steps), int(t.steps), float(t.flat_fraction), float(t.final_lr_ratio)
 
     def f(step: int) -> float:
         if step < warm:
             return 0.005 + (1 - 0.005) * step / warm
-        if step < flat_end:
-            return 1.0
-        return 1.0 - (1.0 - t.final_lr_ratio) * (step - flat_end) / max(1, total - flat_end)
+        p = (step - warm) / max(1, total - 1 - warm)
+        return 1.0 if p < T else end + (1 - end) * (1 - p) / (1 - T)
     return f
 
 
-def param_groups(model, weight_decay: float):
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+def param_groups(model, weight_decay: float, decay_on: str = "all"):
+    """decay_on="all" (the original's: its schedule sets weight_decay on every group, so norms, embeddings and
+    heads are decayed too) or "matrices" (the nanoGPT convention: only tensors with 2 or more dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_on == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    if decay_on == "matrices":
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    raise ValueError(f"trainer.ar.weight_decay_on={decay_on!r}: use all (the original's) or matrices")
 
 
 def train_ar(cfg) -> dict:
@@ -64,13 +74,15 @@ def train_ar(cfg) -> dict:
 
 def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict:
     t, acc = ctx.t, ctx.acc
-    shards = T.extract(cfg, tokenizer, tok_id, acc)
-    train_ds, val_ds = T.TokenShards(shards, "train"), T.TokenShards(shards, "val")
-    grid = train_ds.tokens.shape[-1]
+    shards = T.extract(cfg, tokenizer, tok_id, acc)  # tokens=online: val tokens only
+    train_ds, to_tokens = T.train_input(cfg, tokenizer, shards, acc.device)
+    val_ds = T.TokenShards(shards, "val")
+    grid = val_ds.tokens.shape[-1]
+    mode = T.tokens_cfg(cfg)["name"]
     bits = list(cfg.factorization.bits)
     ckpt = ctx.open()
     model = FactorizedAR(ar_config(cfg, grid))
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.weight_decay_on), lr=t.lr, betas=tuple(t.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
     if ckpt is not None:
@@ -81,14 +93,16 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
         ctx.log_params({"derived.M": len(bits), "derived.bits": "-".join(map(str, bits)),
                         "derived.params": sum(p.numel() for p in model.parameters()),
                         "derived.codebook_size": 2 ** sum(bits), "derived.grid": grid,
-                        "derived.tokenizer": tok_info.get("source", ""), "derived.train_tokens": len(train_ds)})
+                        "derived.tokenizer": tok_info.get("source", ""), "derived.tokens": mode,
+                        "derived.train_tokens": len(train_ds) * max(1, T.variants(cfg))})
         if ctx.is_main:
             ctx.tracker.set_tags({"magvit2.tokenizer": tok_info.get("source", "")})
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
                                  acc.num_processes, t.grad_accum)
-    batches = iter(DataLoader(train_ds, batch_sampler=sampler))
+    workers = cfg.data.num_workers if mode == "online" else 0  # cached tokens are in memory
+    batches = iter(DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0))
 
     def payload():
         return {"model": raw.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
@@ -98,8 +112,8 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     last, tic, seen = {}, time.perf_counter(), 0
     for step in range(start, t.steps):
         for _ in range(t.grad_accum):
-            tok, y = next(batches)
-            sub = split_indices(tok.flatten(1).to(acc.device), bits)
+            x, y = next(batches)  # images (online: encoded here) or cached token grids
+            sub = split_indices(to_tokens(x).flatten(1), bits)
             with acc.accumulate(model):
                 with acc.autocast():
                     logits = model(sub, y.to(acc.device))
@@ -155,4 +169,7 @@ def validate(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
     out = torch.tensor([sums.get(k, 0.0) for k in sorted(sums)] + [n], dtype=torch.float64, device=acc.device)
     out = acc.reduce(out, "sum")
     total = max(float(out[-1]), 1.0)
-    return {f"val/{k}": float(v) / total for k, v in zip(sorted(sums), out[:-1])} if sums else {}
+    if not sums:
+        return {}
+    res = {f"val/{k}": float(v) / total for k, v in zip(sorted(sums), out[:-1])}
+    return {**res, "val/n_images": float(out[-1]), "val/n_tokens": float(out[-1]) * val_ds[0][0].numel()}

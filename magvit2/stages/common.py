@@ -83,13 +83,16 @@ class RunContext:
 
     def open(self) -> dict | None:
         """Load the checkpoint if any, open (or reopen) the MLflow run. Returns the checkpoint."""
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False) if self.ckpt_path.exists() else None
+        if str(os.environ.get("MLFLOW_TRACKING_URI") or self.cfg.tracking.uri or "").startswith("http"):
+            from magvit2 import tracking  # every rank: a refused server stops all ranks at once, not rank 0 alone
+            tracking.check_server(tracking.tracking_uri(str(self.cfg.paths.root), self.cfg.tracking.uri))
+        ckpt = self._load(self.ckpt_path) if self.ckpt_path.exists() else None
         dist.seed_everything(int(self.cfg.seed) + self.acc.process_index)  # model init, before any resume
         if self.is_main:
             self._open_tracking(ckpt)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
             state.write_status(self.run_dir, state="running", steps=int(self.t.steps),
-                               world_size=self.acc.num_processes,
+                               world_size=self.acc.num_processes, device=str(self.acc.device),
                                mlflow_run_id=self.tracker.run_id if self.tracker else None)
         self.preempt.install()
         return ckpt
@@ -100,7 +103,12 @@ class RunContext:
             rng = self._rng_path(int(ckpt["step"]))
             if not rng.exists() and self.acc.process_index > 0:
                 log.warning(f"{rng.name} missing: rank {self.acc.process_index} resumes with rank 0's RNG state")
-            dist.set_rng_state(torch.load(rng, weights_only=False) if rng.exists() else ckpt["rng"])
+            dist.set_rng_state(self._load(rng) if rng.exists() else ckpt["rng"])
+
+    def _load(self, path: Path) -> dict:
+        from magvit2.launch import checkpoint
+        return checkpoint.load(path, f"run dir {self.run_dir}", "delete the run dir to train this run again (run "
+                               "dirs of an older magvit2 hold pickled RNG state, which is not loaded)")
 
     def _rng_path(self, step: int) -> Path:
         # one file per rank and step: a crash between a rank's RNG file and rank 0's checkpoint rename must not

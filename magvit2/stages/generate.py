@@ -5,19 +5,14 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import ListConfig
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
+from magvit2.config import subtoken_values
 from magvit2.quantizers import merge_subtokens
 from magvit2.stages.images import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)
-
-
-def _values(v):
-    """A scalar for all sub-tokens or one value per sub-token (a Hydra list)."""
-    return [float(a) for a in v] if isinstance(v, (list, tuple, ListConfig)) else float(v)
 
 
 @torch.no_grad()
@@ -31,7 +26,8 @@ def sample_images(model, tokenizer, labels: torch.Tensor, sampling, bits, seed: 
     for s in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not show, mininterval=1.0):
         y = labels[s:s + batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
-        sub = model.generate(y, cfg_scale=_values(sampling.cfg_scale), temperature=_values(sampling.temperature),
+        sub = model.generate(y, cfg_scale=subtoken_values(sampling.cfg_scale, len(bits), "sampling.cfg_scale"),
+                             temperature=subtoken_values(sampling.temperature, len(bits), "sampling.temperature"),
                              top_k=sampling.top_k, top_p=sampling.top_p, generator=g)
         idx = merge_subtokens(sub, bits).view(-1, grid, grid)
         out.append(tokenizer.decode_indices(idx).float().clamp(-1, 1).cpu())
@@ -51,14 +47,17 @@ def save_sample_grid(images: torch.Tensor, per_class: int, path: Path, max_class
 
 
 def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
-    """Samples per class (split over processes), a grid artifact, FID/IS against the val images, npz export."""
+    """Samples per class (split over processes), a grid artifact, FID/IS against the val images, npz export.
+
+    This in-loop FID (eval/fid: eval/n_samples samples vs eval/n_real val images, tag magvit2.fid_protocol) tracks
+    progress; it is not the paper's gFID (50 samples x 1000 classes vs the ADM ImageNet-256 reference batch)."""
     from magvit2.data.images import build_dataset
     acc, s = ctx.acc, cfg.sampling
     labels = class_labels(cfg.model.num_classes, s.per_class)
     mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
     imgs = sample_images(model, tokenizer, labels[mine], s, list(cfg.factorization.bits), s.seed + acc.process_index,
                          s.batch_size, acc.device, show=ctx.is_main)
-    inception = M.inception_for_fid(cfg.metrics.inception_weights)
+    inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     res = {"eval/n_samples": float(len(labels))}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
         gm = M.GenerationMetrics(inception, device=acc.device)
@@ -91,4 +90,6 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
             ctx.tracker.log_missing(f"eval/{k}", v.reason)
         else:
             res[f"eval/{k}"] = float(v)
+    ctx.tracker.set_tags({"magvit2.fid_protocol": f"in-loop: {len(labels)} samples ({s.per_class} per class) vs "
+                          f"{int(out['n_real'])} val images; not the paper's gFID (50k vs the ADM reference batch)"})
     return res

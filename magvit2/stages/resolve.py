@@ -9,7 +9,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from magvit2 import config as C
@@ -48,16 +47,28 @@ def checkpoint_path(cfg) -> tuple[Path, str]:
     return p, f"path:{p.resolve()}"
 
 
+_REFUSED_FIX = ("give the checkpoint.pt of a tokenizer run of this magvit2 (or its run dir), runs:/<mlflow run id> "
+                "or auto; a run dir from an older magvit2 (pickled RNG state) has to be deleted and trained again")
+
+
 def load_tokenizer(cfg):
-    """-> (tokenizer in eval mode with EMA weights, identity string for caches, info dict)."""
+    """-> (frozen tokenizer in eval mode, identity string for caches, info dict).
+
+    tokenizer.ar_weights: raw (the original's `use_ema: False` in its AR configs: the tokenizer's training weights)
+    or ema (its EMA weights, with which the tokenizer stage evaluates)."""
     from magvit2.stages.tokenizer import build_tokenizer
+    weights = cfg.tokenizer.ar_weights
+    if weights not in ("raw", "ema"):
+        raise C.ConfigError(f"tokenizer.ar_weights={weights!r}: use raw (the original's) or ema")
     path, source = checkpoint_path(cfg)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from magvit2.launch import checkpoint  # weights_only: a checkpoint file must never run code
+    ckpt = checkpoint.load(path, f"tokenizer.checkpoint={cfg.tokenizer.checkpoint}", _REFUSED_FIX)
     model = build_tokenizer(cfg)
     try:
         if "ema" in ckpt:
             model.load_state_dict(ckpt["model"])
-            _load_ema(model, ckpt["ema"])
+            if weights == "ema":
+                _load_ema(model, ckpt["ema"])
         else:
             model.load_state_dict(ckpt.get("state_dict", ckpt))
     except (RuntimeError, KeyError, ValueError) as e:
@@ -65,10 +76,11 @@ def load_tokenizer(cfg):
                             f"tokenizer={cfg.tokenizer.name} quantizer={C.choices(cfg)['quantizer']} ({e}); use the "
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
-    ident = f"{source}@step{ckpt.get('step', '?')}"
+    ident = f"{source}@step{ckpt.get('step', '?')}:{weights}"
     st = json.loads(s.read_text()) if (s := path.parent / "status.json").exists() else {}
     metrics = {k: v for k, v in st.get("metrics", {}).items() if k.startswith("eval/")}
-    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics}
+    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics,
+                          "weights": weights}
 
 
 def _load_ema(model, ema_state) -> None:

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 def build_tokenizer(cfg) -> Tokenizer:
     t = cfg.tokenizer
     return Tokenizer(instantiate(cfg.quantizer), ch=t.ch, ch_mult=tuple(t.ch_mult), num_res_blocks=t.num_res_blocks,
-                     resolution=t.resolution)
+                     resolution=t.resolution,  # configs from before these settings: population variance, bias 1
+                     adagn_variance=t.get("adagn_variance", "population"),
+                     adagn_scale_init=t.get("adagn_scale_init", "one"))
 
 
 def _step_decay(milestones):
@@ -56,7 +58,6 @@ def _train(cfg, ctx: RunContext) -> dict:
     model = build_tokenizer(cfg)
     disc = PatchDiscriminator(3, ndf=L.disc_ndf, n_layers=L.disc_layers)
     lecam = LeCAM()
-    ema = EMA(model, decay=t.ema_decay)
     opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=tuple(t.betas))
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _step_decay(t.lr_decay_steps))
@@ -64,7 +65,6 @@ def _train(cfg, ctx: RunContext) -> dict:
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"]), lecam.load_state_dict(ckpt["lecam"])
-        ema.load_state_dict(ckpt["ema"])
         opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
         sched_g.load_state_dict(ckpt["sched_g"]), sched_d.load_state_dict(ckpt["sched_d"])
         start = int(ckpt["step"])
@@ -74,7 +74,7 @@ def _train(cfg, ctx: RunContext) -> dict:
         ctx.log_params({"derived.params": n, "derived.codebook_size": model.quantizer.codebook_size,
                         "derived.disc_params": sum(p.numel() for p in disc.parameters())})
 
-    lpips_model = M.load_lpips(cfg.metrics.vgg16_weights)
+    lpips_model = M.lpips_from_config(cfg.metrics)  # path, hub cache, then download
     use_lpips = L.perceptual_weight > 0 and not isinstance(lpips_model, M.Missing)
     if L.perceptual_weight > 0 and not use_lpips and ctx.is_main:
         log.warning(f"perceptual loss off: {lpips_model.reason}")
@@ -85,6 +85,10 @@ def _train(cfg, ctx: RunContext) -> dict:
     model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
     lecam = lecam.to(acc.device)
     raw, raw_disc = acc.unwrap_model(model), acc.unwrap_model(disc)
+    # the EMA is built after prepare() moved the model, so its shadow lives on the accelerator too
+    ema = EMA(raw, decay=t.ema_decay)
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
     train_ds = build_dataset(cfg.data, "train", cfg.seed)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
                                  acc.num_processes, t.grad_accum)
@@ -111,7 +115,8 @@ def _train(cfg, ctx: RunContext) -> dict:
                     rec = F.l1_loss(x_rec.float(), x)
                     p_loss = lpips_model(x_rec.float(), x).mean() if use_lpips else torch.zeros((), device=x.device)
                     raw_disc.requires_grad_(False)
-                    g_adv = generator_adv_loss(raw_disc(x_rec)) if gan_on else torch.zeros((), device=x.device)
+                    g_adv = (generator_adv_loss(raw_disc(x_rec), L.g_adv_reduce) if gan_on
+                             else torch.zeros((), device=x.device))
                     raw_disc.requires_grad_(True)
                     loss = rec + L.perceptual_weight * p_loss * use_lpips + q.loss + L.adv_weight * g_adv
                 acc.backward(loss)
@@ -158,13 +163,14 @@ def _train(cfg, ctx: RunContext) -> dict:
 
 @torch.no_grad()
 def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool) -> dict:
-    """Held-out split with EMA weights: PSNR, SSIM, LPIPS, rFID, utilization, perplexity (missing ones tagged)."""
+    """Held-out split with EMA weights: PSNR, SSIM, LPIPS, rFID, utilization, perplexity (missing ones tagged),
+    with their N: eval/n_images (all ranks) and eval/n_tokens (the codes behind utilization and perplexity)."""
     acc = ctx.acc
     ds = build_dataset(cfg.data, "val", cfg.seed)
     idx = list(range(acc.process_index, len(ds), acc.num_processes))
     loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=32, num_workers=cfg.data.num_workers)
     # every rank accumulates its shard; torchmetrics all-reduces the states in compute() (called on all ranks)
-    inception = M.inception_for_fid(cfg.metrics.inception_weights)
+    inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lpips_model, inception=inception,
                                  device=acc.device)
     first = None
