@@ -121,15 +121,13 @@ def data_identity(cfg: DictConfig) -> dict:
 
 def tokenizer_signature(cfg: DictConfig) -> str:
     """What determines a trained tokenizer: architecture, quantizer, losses, data, schedule, seed."""
-    tok = to_dict(cfg.tokenizer)
-    tok.pop("checkpoint", None), tok.pop("ar_weights", None)  # how an AR run uses it, not how it is trained
-    return _hash({"tokenizer": tok, "quantizer": to_dict(cfg.quantizer), "data": data_identity(cfg),
+    return _hash({"tokenizer": to_dict(cfg.tokenizer), "quantizer": to_dict(cfg.quantizer), "data": data_identity(cfg),
                   "trainer": _strip(to_dict(cfg.trainer.tokenizer)), "seed": cfg.seed})
 
 
 def tokenizer_source(cfg: DictConfig) -> str:
     """Identity of the tokenizer an AR run uses: its signature (auto) or the explicit checkpoint reference."""
-    ck, w = cfg.tokenizer.checkpoint, cfg.tokenizer.get("ar_weights", "raw")
+    ck, w = cfg.tokens.tokenizer, cfg.tokens.weights
     return (f"sig:{tokenizer_signature(cfg)}" if ck in (None, "auto") else f"ckpt:{ck}") + f":{w}"
 
 

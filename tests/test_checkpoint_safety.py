@@ -39,14 +39,14 @@ def _evil(path, marker, fmt: str):
 def test_crafted_tokenizer_checkpoint_is_refused_unrun(tmp_path, fmt):
     marker = tmp_path / "PWNED"
     evil = _evil(tmp_path / "evil.pt", marker, fmt)
-    p = run_train(tmp_path, f"tokenizer.checkpoint={evil}", check=False, timeout=300)
+    p = run_train(tmp_path, f"tokens.tokenizer={evil}", check=False, timeout=300)
     out = p.stdout + p.stderr
     assert not marker.exists(), "the checkpoint's payload ran"
     assert p.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, out[-3000:]
-    assert f"tokenizer.checkpoint={evil}" in errors[0] and "refused" in errors[0], errors[0]
+    assert f"tokens.tokenizer={evil}" in errors[0] and "refused" in errors[0], errors[0]
     if fmt == "torch":
         assert "os.system" in errors[0] or "posix.system" in errors[0], errors[0]  # says what it would have run
 

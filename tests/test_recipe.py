@@ -72,7 +72,7 @@ def test_defaults_are_the_original():
     assert cfg.quantizer.codebook_entropy == "local"
     assert (cfg.model.class_rope, cfg.model.intra_embed_dropout) == ("zero", False)
     assert (cfg.tokenizer.adagn_variance, cfg.tokenizer.adagn_scale_init) == ("unbiased", "default")
-    assert (cfg.tokenizer.loss.g_adv_reduce, cfg.tokenizer.ar_weights) == ("image", "raw")
+    assert (cfg.tokenizer.loss.g_adv_reduce, cfg.tokens.weights) == ("image", "raw")
     assert cfg.trainer.ar.weight_decay_on == "all"
 
 
@@ -80,7 +80,7 @@ def test_defaults_are_the_original():
     ("quantizer.codebook_entropy=global", True), ("tokenizer.adagn_variance=population", True),
     ("tokenizer.adagn_scale_init=one", True), ("tokenizer.loss.g_adv_reduce=patch", True),
     ("model.class_rope=identity", False), ("model.intra_embed_dropout=true", False),
-    ("trainer.ar.weight_decay_on=matrices", False), ("tokenizer.ar_weights=ema", False),
+    ("trainer.ar.weight_decay_on=matrices", False), ("tokens.weights=ema", False),
 ])
 def test_every_setting_enters_its_signature(override, tokenizer_changes):
     base, alt = cfg_of(), cfg_of(override)
@@ -227,8 +227,8 @@ def test_ar_stage_encodes_with_raw_tokenizer_weights_unless_ema_is_asked(tmp_pat
         t.add_(0.5)
     path = tmp_path / "tok.pt"
     torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "step": 3}, path)
-    raw, raw_id, _ = load_tokenizer(cfg_of(f"tokenizer.checkpoint={path}"))
-    smooth, ema_id, _ = load_tokenizer(cfg_of(f"tokenizer.checkpoint={path}", "tokenizer.ar_weights=ema"))
+    raw, raw_id, _ = load_tokenizer(cfg_of(f"tokens.tokenizer={path}"))
+    smooth, ema_id, _ = load_tokenizer(cfg_of(f"tokens.tokenizer={path}", "tokens.weights=ema"))
     w = "encoder.conv_in.weight"
     assert torch.equal(raw.state_dict()[w], model.state_dict()[w])
     assert torch.equal(smooth.state_dict()[w], ema.shadow[w])

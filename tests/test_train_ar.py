@@ -136,5 +136,5 @@ def test_cached_tokens_end_to_end(root):
 
 
 def test_explicit_tokenizer_checkpoint_errors(root):
-    p = run_train(root, "tokenizer.checkpoint=/nope/checkpoint.pt", check=False)
-    assert p.returncode == 2 and "tokenizer.checkpoint=/nope/checkpoint.pt: file not found" in p.stderr
+    p = run_train(root, "tokens.tokenizer=/nope/checkpoint.pt", check=False)
+    assert p.returncode == 2 and "tokens.tokenizer=/nope/checkpoint.pt: file not found" in p.stderr

@@ -1,4 +1,4 @@
-"""Which tokenizer an AR run uses: `tokenizer.checkpoint: auto | PATH | runs:/<mlflow run id>`.
+"""Which tokenizer an AR run uses: `tokens.tokenizer: auto | PATH | runs:/<mlflow run id>`.
 
 auto: the finished tokenizer run with the same tokenizer signature, trained first (by all processes of this member)
 if there is none; concurrent members wait on its lock instead of training it twice.
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_path(cfg) -> tuple[Path, str]:
-    ck = cfg.tokenizer.checkpoint
+    ck = cfg.tokens.tokenizer
     if ck in (None, "auto"):
         from magvit2.stages.tokenizer import train_tokenizer
         res = train_tokenizer(OmegaConf.merge(cfg, {"stage": "tokenizer"}))
@@ -31,18 +31,18 @@ def checkpoint_path(cfg) -> tuple[Path, str]:
         try:
             run = mlflow.MlflowClient().get_run(run_id)
         except Exception as e:
-            raise C.ConfigError(f"tokenizer.checkpoint={ck}: no such MLflow run ({e}); use a tokenizer run id "
+            raise C.ConfigError(f"tokens.tokenizer={ck}: no such MLflow run ({e}); use a tokenizer run id "
                                 f"from the magvit2-tokenizer experiment") from e
         rd = run.data.tags.get("magvit2.run_dir")
         if not rd:
-            raise C.ConfigError(f"tokenizer.checkpoint={ck}: run {run_id} is not a magvit2 tokenizer run "
+            raise C.ConfigError(f"tokens.tokenizer={ck}: run {run_id} is not a magvit2 tokenizer run "
                                 f"(no magvit2.run_dir tag)")
         return Path(rd) / "checkpoint.pt", ck
     p = Path(ck).expanduser()
     if p.is_dir():
         p = p / "checkpoint.pt"
     if not p.is_file():
-        raise C.ConfigError(f"tokenizer.checkpoint={ck}: file not found; give a tokenizer checkpoint.pt, its run "
+        raise C.ConfigError(f"tokens.tokenizer={ck}: file not found; give a tokenizer checkpoint.pt, its run "
                             f"dir, runs:/<mlflow run id>, or auto")
     return p, f"path:{p.resolve()}"
 
@@ -54,15 +54,15 @@ _REFUSED_FIX = ("give the checkpoint.pt of a tokenizer run of this magvit2 (or i
 def load_tokenizer(cfg):
     """-> (frozen tokenizer in eval mode, identity string for caches, info dict).
 
-    tokenizer.ar_weights: raw (the original's `use_ema: False` in its AR configs: the tokenizer's training weights)
+    tokens.weights: raw (the original's `use_ema: False` in its AR configs: the tokenizer's training weights)
     or ema (its EMA weights, with which the tokenizer stage evaluates)."""
     from magvit2.stages.tokenizer import build_tokenizer
-    weights = cfg.tokenizer.ar_weights
+    weights = cfg.tokens.weights
     if weights not in ("raw", "ema"):
-        raise C.ConfigError(f"tokenizer.ar_weights={weights!r}: use raw (the original's) or ema")
+        raise C.ConfigError(f"tokens.weights={weights!r}: use raw (the original's) or ema")
     path, source = checkpoint_path(cfg)
     from magvit2.launch import checkpoint  # weights_only: a checkpoint file must never run code
-    ckpt = checkpoint.load(path, f"tokenizer.checkpoint={cfg.tokenizer.checkpoint}", _REFUSED_FIX)
+    ckpt = checkpoint.load(path, f"tokens.tokenizer={cfg.tokens.tokenizer}", _REFUSED_FIX)
     model = build_tokenizer(cfg)
     try:
         if "ema" in ckpt:
@@ -72,7 +72,7 @@ def load_tokenizer(cfg):
         else:
             model.load_state_dict(ckpt.get("state_dict", ckpt))
     except (RuntimeError, KeyError, ValueError) as e:
-        raise C.ConfigError(f"tokenizer.checkpoint={cfg.tokenizer.checkpoint}: {path} does not fit "
+        raise C.ConfigError(f"tokens.tokenizer={cfg.tokens.tokenizer}: {path} does not fit "
                             f"tokenizer={cfg.tokenizer.name} quantizer={C.choices(cfg)['quantizer']} ({e}); use the "
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
