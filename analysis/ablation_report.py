@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's noteb
 
 from IPython.display import Image, Markdown, display
 
-from magvit2.analysis import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
+from magvit2.results import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
                               resolve_uri, to_markdown, tokenizer_table)
 
 out = Path(out_dir)

@@ -48,7 +48,7 @@ def build(sweep: str | None, experiment: str | None, out: Path, tracking_uri: st
     import papermill
     from nbconvert import HTMLExporter
 
-    from magvit2.analysis import load_runs, resolve_uri
+    from magvit2.results import load_runs, resolve_uri
 
     uri = resolve_uri(tracking_uri)
     try:  # fail fast, before starting a kernel

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from magvit2.models.ar import FactorizedAR
     from magvit2.stages.ar import ar_config
     from magvit2.stages.generate import class_labels, sample_images, save_sample_grid
-    from magvit2.stages.images import as_numpy_uint8
+    from magvit2.metrics.grids import as_numpy_uint8
     from magvit2.stages.resolve import load_tokenizer
 
     cfg = OmegaConf.load(cfg_path)

@@ -1,6 +1,6 @@
 """MLflow tracking: sweep parent runs, member (child) runs, flattened params, metrics, artifacts.
 
-Implements the record schema of notes/TRACKING.md. Everything goes through `MlflowClient` with explicit run ids
+Everything goes through `MlflowClient` with explicit run ids
 (never the fluent active-run stack), so several runs can live in one process and a resumed member reopens its own
 run. Takes plain dicts only: the Hydra side converts its config before calling in.
 """

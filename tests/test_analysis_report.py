@@ -1,4 +1,4 @@
-"""magvit2.analysis + magvit2.report on a synthetic 2x2 AR sweep logged with MemberRun to a real sqlite store."""
+"""magvit2.results + magvit2.report on a synthetic 2x2 AR sweep logged with MemberRun to a real sqlite store."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from mlflow_server import fresh_sqlite
 
 from magvit2 import tracking
-from magvit2.analysis import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
+from magvit2.results import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
                               to_markdown, tokenizer_table)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,13 +22,14 @@ PARAMS = {"tiny": 1_234_567, "B": 343_600_000}
 # (factorization, model) -> final metrics; FID of k9_9-B is missing with a reason (and so is its N of val images)
 N_GEN = {"tiny": {"eval/n_samples": 8.0, "eval/n_real": 20.0}, "B": {"eval/n_samples": 50000.0, "eval/n_real": 50000.0}}
 FINAL = {
-    ("k6_12", "tiny"): {"eval/fid": 41.5, "eval/is": 20.25, "val/loss": 7.5, "val/loss_1": 2.5, "val/loss_2": 5.0,
-                        **N_GEN["tiny"]},
-    ("k6_12", "B"): {"eval/fid": 12.25, "eval/is": 80.5, "val/loss": 6.25, "val/loss_1": 2.0, "val/loss_2": 4.25,
-                     **N_GEN["B"]},
-    ("k9_9", "tiny"): {"eval/fid": 45.75, "eval/is": 18.0, "val/loss": 8.5, "val/loss_1": 4.5, "val/loss_2": 4.0,
-                       **N_GEN["tiny"]},
-    ("k9_9", "B"): {"eval/is": 70.125, "val/loss": 7.0, "val/loss_1": 3.5, "val/loss_2": 3.5, "eval/n_samples": 50000.0},
+    ("k6_12", "tiny"): {"eval/fid": 41.5, "eval/is": 20.25, "val/loss": 7.5, "val/n_images": 64.0, "val/loss_1": 2.5,
+                        "val/loss_2": 5.0, **N_GEN["tiny"]},
+    ("k6_12", "B"): {"eval/fid": 12.25, "eval/is": 80.5, "val/loss": 6.25, "val/n_images": 64.0, "val/loss_1": 2.0,
+                     "val/loss_2": 4.25, **N_GEN["B"]},
+    ("k9_9", "tiny"): {"eval/fid": 45.75, "eval/is": 18.0, "val/loss": 8.5, "val/n_images": 64.0, "val/loss_1": 4.5,
+                       "val/loss_2": 4.0, **N_GEN["tiny"]},
+    ("k9_9", "B"): {"eval/is": 70.125, "val/loss": 7.0, "val/n_images": 64.0, "val/loss_1": 3.5, "val/loss_2": 3.5,
+                    "eval/n_samples": 50000.0},
 }
 MISSING_REASON = "no Inception weights at metrics.inception_path"
 # tokenizer runs: quantizer -> final metrics, utilization history (VQ collapses); rFID missing for both
@@ -135,7 +136,7 @@ def test_history_and_plots(store, tmp_path):
 
 def test_ar_table_markdown(store):
     t = ar_table(load_runs(sweep=SWEEP, tracking_uri=store["uri"]))
-    assert list(t.columns) == ["FID (in-loop)", "IS", "N samples", "N val img", "val loss", "val loss 1", "val loss 2",
+    assert list(t.columns) == ["FID (in-loop)", "IS", "N samples", "N val img", "val loss", "N val loss img", "val loss 1", "val loss 2",
                                "params", "missing"]
     assert t.loc[("k9_9", "B"), "missing"] == f"FID (in-loop): {MISSING_REASON}"
     md = to_markdown(t)
@@ -186,13 +187,15 @@ def test_report_cli(store, tmp_path):
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| factorization | model |")
     assert header == ["factorization", "model", "FID (in-loop)", "IS", "N samples", "N val img", "val loss",
+                      "N val loss img",
                       "val loss 1", "val loss 2", "params"]
     expect = []
     for (fac, model), f in FINAL.items():
         fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "—[^1]"
         n_real = f"{f['eval/n_real']:,.0f}" if "eval/n_real" in f else "—"
         expect.append([fac, model, fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}", n_real,
-                       f"{f['val/loss']:g}", f"{f['val/loss_1']:g}", f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
+                       f"{f['val/loss']:g}", f"{f['val/n_images']:,.0f}", f"{f['val/loss_1']:g}",
+                       f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
     assert rows == expect
     assert f"[^1]: FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
     assert "FID (in-loop): N samples vs N val images, not the paper's 50k-sample gFID" in md

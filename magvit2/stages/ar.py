@@ -137,13 +137,13 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
             bar.set_postfix(loss=f"{last['train/loss']:.3f}")
         bar.update(1)
         if t.eval_every and step1 % t.eval_every == 0 and step1 != t.steps:
-            ctx.log(validate(raw, val_ds, bits, acc), step1)
+            ctx.log(val_loss(raw, val_ds, bits, acc), step1)
         if step1 % t.ckpt_every == 0 and step1 != t.steps:
             ctx.save(step1, payload())
         ctx.maybe_preempt(step1, payload)
     bar.close()
     ctx.save(t.steps, payload())
-    results = {**validate(raw, val_ds, bits, acc)}
+    results = {**val_loss(raw, val_ds, bits, acc)}
     results.update(evaluate_generation(cfg, ctx, raw, tokenizer))
     ctx.log(results, t.steps)
     out = ctx.finish(t.steps, {**last, **results})
@@ -151,7 +151,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
 
 
 @torch.no_grad()
-def validate(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
+def val_loss(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
     """Teacher-forced loss and accuracy per sub-token on the held-out tokens (true labels, no label dropout)."""
     was = model.training
     model.eval()

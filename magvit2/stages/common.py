@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -227,6 +226,3 @@ def _run_name(cfg: DictConfig, stage: str) -> str:
         return str(cfg.sweep.member)
     return C.member_name(OmegaConf.merge(cfg, {"stage": stage}))
 
-
-def timer() -> float:
-    return time.perf_counter()

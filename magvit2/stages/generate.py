@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from magvit2 import metrics as M
 from magvit2.config import subtoken_values
 from magvit2.quantizers import merge_subtokens
-from magvit2.stages.images import as_numpy_uint8, save_grid
+from magvit2.metrics.grids import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)
 

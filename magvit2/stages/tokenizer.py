@@ -20,7 +20,7 @@ from magvit2.models.discriminator import LeCAM, PatchDiscriminator, generator_ad
 from magvit2.models.ema import EMA
 from magvit2.models.tokenizer import Tokenizer
 from magvit2.stages.common import RunContext
-from magvit2.stages.images import save_grid
+from magvit2.metrics.grids import save_grid
 
 log = logging.getLogger(__name__)
 
