@@ -81,12 +81,42 @@ def validate(cfg: DictConfig) -> None:
         if not Path(p).is_dir():
             raise ConfigError(f"data.path={p} does not exist or is not a folder: point it at an image folder "
                               f"(ImageNet layout: <path>/train/<class>/*.JPEG)")
+    _check_numbers(cfg)
+    if cfg.stage == "ar":
+        _check_classes(cfg)
+
+
+def _positive_int(value, name: str, fix: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 1: {fix}")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer (e.g. seed=0)")
+    _positive_int(cfg.tracking.log_every, "tracking.log_every", "log every N steps, e.g. tracking.log_every=10")
     for stage in STAGES:
         t = cfg.trainer[stage]
-        if t.batch_size < 1 or t.grad_accum < 1 or t.steps < 1:
-            raise ConfigError(f"trainer.{stage}: steps, batch_size and grad_accum must be >= 1")
+        for key in ("steps", "batch_size", "grad_accum", "ckpt_every"):
+            _positive_int(t[key], f"trainer.{stage}.{key}", f"set trainer.{stage}.{key} to a positive integer")
+        if not (isinstance(t.lr, (int, float)) and math.isfinite(t.lr) and t.lr > 0):
+            raise ConfigError(f"trainer.{stage}.lr={t.lr!r} must be a finite number > 0 (the original: "
+                              f"{'1e-4' if stage == 'tokenizer' else '3e-4'})")
         if t.precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"trainer.{stage}.precision={t.precision!r}: use no, bf16 or fp16")
+
+
+def _check_classes(cfg: DictConfig) -> None:
+    """The class table must cover the data's classes (photos: one per photo; image folders: train/ subfolders)."""
+    if cfg.data.name == "photos":
+        n = len(cfg.data.photos)
+    else:
+        root = Path(cfg.data.path)
+        folder = root / "train" if (root / "train").is_dir() else root
+        n = sum(1 for d in folder.iterdir() if d.is_dir())
+    if cfg.model.num_classes < n:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is smaller than the data's {n} classes "
+                          f"(data={cfg.data.name}): set model.num_classes={n} (or more)")
 
 
 def subtoken_values(v, m: int, name: str) -> list[float]:

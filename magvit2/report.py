@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "analysis" / "ablation_report.py"
+from magvit2.resources import report_notebook
+
+NOTEBOOK = report_notebook()  # analysis/ablation_report.py in a checkout, else the copy inside the wheel
 KERNEL = "magvit2-report"
 
 

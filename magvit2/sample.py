@@ -27,20 +27,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
     a = ap.parse_args(argv)
 
-    cfg_path, ckpt_path = a.run_dir / "config.yaml", a.run_dir / "checkpoint.pt"
-    if not cfg_path.exists() or not ckpt_path.exists():
+    from magvit2.runs import RunDir
+    run = RunDir(a.run_dir)
+    if not run.config.exists() or not run.checkpoint.exists():
         print(f"error: {a.run_dir} is not an AR run dir (needs config.yaml and checkpoint.pt)", file=sys.stderr)
         return 2
     from magvit2 import config as C  # (also registers resolvers)
-    from magvit2.launch import checkpoint
     from magvit2.metrics import export_adm_npz
-    from magvit2.models.ar import FactorizedAR
-    from magvit2.stages.ar import ar_config
+    from magvit2.build import build_ar
     from magvit2.stages.generate import class_labels, sample_images, save_sample_grid
     from magvit2.metrics.grids import as_numpy_uint8
     from magvit2.stages.resolve import load_tokenizer
 
-    cfg = OmegaConf.load(cfg_path)
+    cfg = OmegaConf.load(run.config)
     if cfg.stage != "ar":
         print(f"error: {a.run_dir} is a {cfg.stage} run; give an AR run dir", file=sys.stderr)
         return 2
@@ -56,11 +55,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # both files are loaded with weights_only=True: a checkpoint must never run code
         tokenizer, _, _ = load_tokenizer(cfg)
-        ckpt = checkpoint.load(ckpt_path, f"run dir {a.run_dir}", "give an AR run dir trained by this magvit2")
+        ckpt = run.load(fix="give an AR run dir trained by this magvit2")
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = FactorizedAR(ar_config(cfg, tokenizer.token_grid))
+    model = build_ar(cfg, tokenizer.token_grid)
     model.load_state_dict(ckpt["model"])
     model.to(device)
     tokenizer.to(device)
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
         return 2
     labels = torch.tensor(classes).repeat_interleave(s.per_class) if a.classes is not None else \
         class_labels(cfg.model.num_classes, s.per_class)
-    images = sample_images(model, tokenizer, labels, s, list(cfg.factorization.bits), s.seed, s.batch_size, device)
+    images = sample_images(model, tokenizer, labels, s, s.seed, s.batch_size, device)
     out = a.out or a.run_dir / f"samples-{s.seed}"
     out.mkdir(parents=True, exist_ok=True)
     grid_path = save_sample_grid(images, s.per_class, out / "samples.png")

@@ -42,10 +42,20 @@ TAGS_OVERFLOW = "tags_overflow.json"
 SEE_PARAMS = f"<see {PARAMS_OVERFLOW}>"
 SEE_TAGS = f"<see {TAGS_OVERFLOW}>"
 
-# Tag names of the schema.
-KIND, SWEEP_ID, STAGE, SIGNATURE, OVERRIDES = (
+# The whole tag schema: no other module spells a tag name.
+KIND, SWEEP_ID, STAGE, SIGNATURE, OVERRIDES = (  # sweep (parent) and member runs
     "magvit2.kind", "magvit2.sweep_id", "magvit2.stage", "magvit2.signature", "magvit2.overrides")
 N_MEMBERS, MISSING_PREFIX, N_RESUMES = "magvit2.n_members", "magvit2.missing.", "magvit2.n_resumes"
+HOST, SLURM_JOB_ID, GIT_SHA, RUN_DIR, WORLD_SIZE = (  # where a member runs
+    "magvit2.host", "magvit2.slurm_job_id", "magvit2.git_sha", "magvit2.run_dir", "magvit2.world_size")
+CHECKPOINT, TOKENIZER, SAMPLES_NPZ, FID_PROTOCOL = (  # what a member produced or used
+    "magvit2.checkpoint", "magvit2.tokenizer", "magvit2.samples_npz", "magvit2.fid_protocol")
+PARENT_RUN_ID = MLFLOW_PARENT_RUN_ID  # MLflow's own: nests member runs under the sweep run in the UI
+
+
+def missing(key: str) -> str:
+    """Tag of a metric that could not be computed honestly: its value says why."""
+    return MISSING_PREFIX + key
 
 _RUN_URIS: dict[str, str] = {}  # run id -> tracking uri, so finish_sweep_run(run_id) needs nothing else
 
@@ -303,6 +313,18 @@ def finish_sweep_run(run_id: str, status: str = "FINISHED", root: str | None = N
     _retry(lambda: client.set_terminated(run_id, status), "finish sweep run")
 
 
+def end_if_running(run_id: str, status: str, uri: str) -> None:
+    """Terminate a run in the store at exactly `uri` (a sweep's recorded one) unless it ended already."""
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+def run_tags(run_id: str, root: str, uri: str | None = None) -> dict[str, str]:
+    """The tags of a run (raises MlflowException if the store has no such run)."""
+    return MlflowClient(tracking_uri(root, uri)).get_run(run_id).data.tags
+
+
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _split_long(values: dict[str, str], limit: int, marker: str) -> tuple[dict[str, str], dict[str, str]]:
     """(values with over-long ones replaced by marker, {key: full value} of those) - never truncate silently."""
@@ -336,13 +358,6 @@ def _merge_json_artifact(client: MlflowClient, run_id: str, name: str, new: dict
     _retry(lambda: client.log_dict(run_id, {**old, **new}, name), f"log {name}")
 
 
-def _slurm_job_id() -> str:
-    e = os.environ
-    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
-        return f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}"
-    return e.get("SLURM_JOB_ID", "")
-
-
 # ------------------------------------------------------------------------------------------------------------ members
 class MemberRun:
     """One member's MLflow run: a child of the sweep run when `sweep_id` is given; `run_id` given -> resume it."""
@@ -369,12 +384,12 @@ class MemberRun:
             self.set_tags({**(tags or {}), N_RESUMES: n})
             return
         base = {KIND: "member", SWEEP_ID: sweep_id or "", STAGE: stage, SIGNATURE: signature,
-                "magvit2.host": socket.gethostname(), "magvit2.slurm_job_id": _slurm_job_id()}
+                HOST: socket.gethostname()}  # the caller adds SLURM_JOB_ID (magvit2.runs.slurm_job_id)
         base.update({str(k): "" if v is None else str(v) for k, v in (tags or {}).items()})
         if sweep_id:  # normally created by the launcher before members start; created here if it is not
             _check_id("sweep_id", sweep_id)
             parent = _find_sweep_run(self.client, self.experiment_id, sweep_id)
-            base[MLFLOW_PARENT_RUN_ID] = (parent.info.run_id if parent is not None else
+            base[PARENT_RUN_ID] = (parent.info.run_id if parent is not None else
                                           ensure_sweep_run(experiment, root, sweep_id, stage, "", 0, uri))
         kept, long = _split_long(base, MAX_TAG_VALUE, SEE_TAGS)
         run = _retry(lambda: self.client.create_run(self.experiment_id, tags=kept, run_name=run_name), "create run")
@@ -432,7 +447,7 @@ class MemberRun:
         """A metric that could not be computed honestly: no value, tag magvit2.missing.<key> = reason."""
         if not reason:
             raise ValueError(f"log_missing({key!r}, reason=''): say why the metric is missing")
-        self.set_tags({MISSING_PREFIX + key: reason})
+        self.set_tags({missing(key): reason})
 
     # -- artifacts and tags
     def log_artifact(self, path, artifact_path: str | None = None) -> None:

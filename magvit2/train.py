@@ -3,33 +3,34 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from magvit2 import config as C
-from magvit2.launch import launchers, sweeper  # noqa: F401  (config nodes hydra/sweeper=magvit2, hydra/launcher=...)
+from magvit2.resources import conf_dir, experiments_dir  # checkout folders, else the wheel's copies
+from magvit2.sweep import launchers, sweeper  # noqa: F401  (config nodes hydra/sweeper=magvit2, hydra/launcher=...)
 
 import hydra_plugins.magvit2 as _plugins
 
 _plugins.register()
 
 log = logging.getLogger("magvit2")
-_EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+_EXPERIMENTS = experiments_dir()
 if not OmegaConf.has_resolver("magvit2_experiments"):
     OmegaConf.register_new_resolver("magvit2_experiments", lambda: str(_EXPERIMENTS))
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     try:
         C.validate(cfg)
         if cfg.dry_run:
-            from magvit2.launch import state
+            from magvit2.sweep import state
             print(state.format_members([state.describe_member(cfg, [])], title="dry run: nothing trained"))
             return None
-        from magvit2.stages import run
+        from magvit2.stages.pipeline import run
         result = run(cfg)
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_train
 from magvit2.config import ConfigError
-from magvit2.launch import checkpoint, dist
+from magvit2 import checkpoint
 
 
 class _Payload:
@@ -54,9 +54,9 @@ def test_crafted_tokenizer_checkpoint_is_refused_unrun(tmp_path, fmt):
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.gauss(0, 1)  # leaves a cached gaussian in the Python state, the part easiest to lose
     np.random.randn()
-    torch.save(dist.rng_state(), tmp_path / "rng.pt")
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
     expected = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(3).tolist())
-    dist.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), random.gauss(0, 1), np.random.rand(), np.random.randn(), torch.rand(3).tolist()) \
         == expected
 

@@ -17,7 +17,7 @@ from magvit2.data import tokens as T
 from magvit2.data.images import ImageFolder, PhotoCrops
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.quantizers import split_indices
-from magvit2.stages.tokenizer import build_tokenizer
+from magvit2.build import build_dataset, build_tokenizer
 
 PHOTOS = ["astronaut", "coffee"]
 
@@ -102,7 +102,6 @@ def test_cached_crops_and_flips_draw_a_variant_per_epoch(tmp_path):
     assert json.loads((folder / "done.json").read_text())["counts"] == {"train": 8 * 4, "val": 20}
     ds, to_tokens = T.train_input(cfg, tok, folder, "cpu")
     assert ds.tokens.shape == (8, 4, 4, 4) and len(ds) == 8
-    from magvit2.data.images import build_dataset
     img = build_dataset(cfg.data, "train", cfg.seed)
     x0, x1 = img[(0, 5)][0][None], img[(1, 5)][0][None]
     for v, x in enumerate([x0, x0.flip(3), x1, x1.flip(3)]):  # variant = crop * 2 + flip

@@ -219,7 +219,7 @@ def test_lfq_codebook_entropy_setting():
 def test_ar_stage_encodes_with_raw_tokenizer_weights_unless_ema_is_asked(tmp_path):
     from magvit2.models.ema import EMA
     from magvit2.stages.resolve import load_tokenizer
-    from magvit2.stages.tokenizer import build_tokenizer
+    from magvit2.build import build_tokenizer
     base = cfg_of()
     model = build_tokenizer(base)
     ema = EMA(model)

@@ -7,8 +7,9 @@ import json
 import mlflow
 import pytest
 
-from magvit2 import sweep as sweep_cli
-from magvit2.launch import state
+from magvit2.sweep import state
+from magvit2.sweep import status as sweep_cli
+from magvit2.runs import RunDir
 
 CASES = [  # (state in status.json, job state in squeue or None when gone) -> table state
     ("new", "PENDING", "queued"),
@@ -30,7 +31,7 @@ def _sweep(tmp_path, states: list[str], launcher: str = "slurm"):
         rd = tmp_path / "runs" / f"m{i}"
         rd.mkdir(parents=True)
         if st != "new":
-            state.write_status(rd, state=st, step=3)
+            RunDir(rd).write_status(state=st, step=3)
         members.append({"member": f"m{i}", "overrides": [], "stage": "ar", "signature": f"m{i}", "run_dir": str(rd),
                         "steps": 6})
     doc = {"id": "s", "launcher": launcher, "jobs": {m["run_dir"]: f"7_{i}" for i, m in enumerate(members)},
@@ -62,7 +63,7 @@ def test_a_member_that_finishes_while_the_queue_is_read_is_not_called_dead(tmp_p
     rd = tmp_path / "runs" / "m0"
 
     def queue(ids):  # the job ends (and writes finished) between our two reads
-        state.write_status(rd, state="finished", step=6)
+        RunDir(rd).write_status(state="finished", step=6)
         return {}
     monkeypatch.setattr(state, "queue_states", queue)
     (row,) = state.refresh(d)

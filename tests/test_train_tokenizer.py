@@ -25,8 +25,8 @@ def test_embedded_default_config():
     assert cfg["stage"] == "ar" and cfg["tokenizer"]["name"] == "tiny" and cfg["data"]["name"] == "photos"
     assert cfg["quantizer"]["_target_"] == "magvit2.quantizers.LFQ" and cfg["tokenizer"]["bits"] == 18
     assert cfg["factorization"]["bits"] == [6, 12] and cfg["model"]["name"] == "tiny"
-    assert cfg["tokenizer"]["checkpoint"] == "auto"
-    assert cfg["data"]["crops"] == "per_epoch" and cfg["tokens"] == {"name": "online"}  # the original's data
+    assert cfg["tokens"]["tokenizer"] == "auto"
+    assert cfg["data"]["crops"] == "per_epoch" and cfg["tokens"]["name"] == "online"  # the original's data
     assert cfg["metrics"]["inception_weights"] is None  # offline: rFID/FID reported missing, never faked
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -96,11 +97,43 @@ class PhotoCrops(Dataset):
         return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
 
 
-def _scan(folder: Path):
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+def open_rgb(path) -> Image.Image:
+    """An image file as 8-bit RGB, naming the file when it cannot be read or converted.
+
+    PIL's convert("RGB") saturates 16/32-bit integer modes (I;16, I) to white, so those are scaled down by their
+    bit depth first; modes with no faithful RGB form (float "F", ...) are refused."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # truncated, garbage, unsupported format
+        raise ConfigError(f"image {path} cannot be read ({type(e).__name__}: {e}): remove or replace it") from e
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ConfigError(f"image {path}: mode {img.mode} with values outside 16 bits; convert it to 8-bit RGB")
+        img = Image.fromarray((a / 257.0).round().astype(np.uint8), "L")
+    elif img.mode not in _RGB_MODES:
+        raise ConfigError(f"image {path}: mode {img.mode} has no faithful 8-bit RGB form; convert it to RGB")
+    return img.convert("RGB")
+
+
+_RGB_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _scan(folder: Path, classes: list[str] | None = None):
+    """Images under folder/<class>/; `classes` (the train split's) fixes the label of each class name."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ConfigError(f"{folder} has classes that train/ lacks ({', '.join(unknown[:5])}"
+                          f"{', ...' if len(unknown) > 5 else ''}): labels come from train/'s class list; add them "
+                          f"to train/ or remove them")
     items = []
     for ci, c in enumerate(classes):
-        items += [(str(p), ci) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMG_EXT]
+        if (folder / c).is_dir():
+            items += [(str(p), ci) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMG_EXT]
     return classes, items
 
 
@@ -117,7 +150,9 @@ class ImageFolder(Dataset):
                              f"(ImageNet layout: <path>/train/<class>/*.JPEG)")
         has_train, has_val = (root / "train").is_dir(), (root / "val").is_dir()
         folder = root / "val" if split == "val" and has_val else (root / "train" if has_train else root)
-        classes, items = _scan(folder)
+        train = root / "train" if has_train else root  # labels always come from the train split's classes
+        classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+        classes, items = _scan(folder, classes)
         if not has_val:  # one folder for both splits: every k-th image is val, the rest train (no overlap)
             k = max(1, int(round(1 / max(val_fraction, 1e-9))))
             items = [it for j, it in enumerate(items) if (j % k == 0) == (split == "val")]
@@ -136,7 +171,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, key):
         epoch, i = split_key(key)
         p, c = self.items[i]
-        img = resize_short(Image.open(p).convert("RGB"), self.res, self.resize)
+        img = resize_short(open_rgb(p), self.res, self.resize)
         w, h = img.size
         if self.split == "train":
             rng = crop_rng(self.crops, self.seed, epoch, i)
@@ -144,17 +179,3 @@ class ImageFolder(Dataset):
         else:  # torchvision's CenterCrop offsets (the original's val transform)
             x, y = int(round((w - self.res) / 2.0)), int(round((h - self.res) / 2.0))
         return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
-
-
-def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
-    if data_cfg.name == "photos":
-        size = data_cfg.train_size if split == "train" else data_cfg.val_size
-        return PhotoCrops(list(data_cfg.photos), data_cfg.resolution, data_cfg.scale, size, split, seed,
-                          data_cfg.get("crops", "per_epoch"))
-    if data_cfg.name == "imagefolder":
-        if data_cfg.path is None:
-            raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
-        return ImageFolder(data_cfg.path, data_cfg.resolution, split, data_cfg.val_fraction,
-                           data_cfg.get("val_size"), seed, data_cfg.get("crops", "per_epoch"),
-                           data_cfg.get("resize", "bicubic"))  # configs from before the setting: bicubic
-    raise ConfigError(f"data={data_cfg.name}: unknown data set; use data=photos or data=imagefolder")

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from magvit2.config import ConfigError, data_identity
-from magvit2.data.images import build_dataset, split_key
-from magvit2.launch.state import atomic_write_text
+from magvit2.data.images import split_key
+from magvit2.runs import FileLock, atomic_write_text
 
 SHARD = 50_000
 
@@ -71,8 +71,7 @@ def extract(cfg, tokenizer, tokenizer_id: str, acc, batch_size: int = 64) -> Pat
     out = cache_dir(cfg, tokenizer_id)
     if (out / "done.json").exists():
         return out
-    from magvit2.stages.common import RunLock
-    lock = RunLock(out) if acc.is_main_process else None
+    lock = FileLock(out) if acc.is_main_process else None
     if lock:
         out.mkdir(parents=True, exist_ok=True)
         lock.__enter__()
@@ -105,6 +104,7 @@ class _Keys(Dataset):
 
 def _extract_split(cfg, tokenizer, acc, split: str, out: Path, batch_size: int) -> int:
     from tqdm.auto import tqdm
+    from magvit2.build import build_dataset  # the one builder (it imports this module: import here)
     ds = build_dataset(cfg.data, split, cfg.seed)
     t = tokens_cfg(cfg)
     crops, flips = (t["crops"], t["flips"]) if split == "train" else (1, False)
@@ -165,7 +165,7 @@ class TokenShards(Dataset):
 
 def train_input(cfg, tokenizer, folder: Path, device):
     """-> (train data set for GlobalBatchSampler, fn: a loader batch's first item -> token grids on device)."""
-    V = variants(cfg)
-    if V:
-        return TokenShards(folder, "train", V, cfg.seed), lambda tok: tok.to(device)
+    from magvit2.build import build_dataset, build_token_dataset
+    if variants(cfg):
+        return build_token_dataset(cfg, folder, "train"), lambda tok: tok.to(device)
     return build_dataset(cfg.data, "train", cfg.seed), lambda x: encode(tokenizer, x.to(device))

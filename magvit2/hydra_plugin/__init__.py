@@ -1,7 +1,7 @@
 """Installed as `hydra_plugins.magvit2` (see pyproject.toml): Hydra only instantiates sweepers and launchers that
-live in the hydra_plugins namespace, so the real classes are re-declared here; the code is in magvit2.launch."""
-from magvit2.launch import launchers as _l
-from magvit2.launch import sweeper as _s
+live in the hydra_plugins namespace, so the real classes are re-declared here; the code is in magvit2.sweep."""
+from magvit2.sweep import launchers as _l
+from magvit2.sweep import sweeper as _s
 
 
 class Magvit2Sweeper(_s.Magvit2Sweeper):

@@ -5,7 +5,7 @@ Missing(reason), never a number.
 """
 from .adm import export_adm_npz
 from .generation import GenerationMetrics
-from .missing import Missing, metric_value, missing_reasons
+from .missing import Missing
 from .pretrained import (InceptionFeatures, find_weights, inception_for_fid, inception_from_config, load_lpips,
                          lpips_from_config)
 from .reconstruction import ReconstructionMetrics, codebook_stats
@@ -23,7 +23,5 @@ __all__ = [
     "inception_from_config",
     "load_lpips",
     "lpips_from_config",
-    "metric_value",
-    "missing_reasons",
     "ssim_uniform",
 ]

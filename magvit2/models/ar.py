@@ -1,7 +1,7 @@
 """Factorized class-conditional AR generator (Open-MAGVIT2): inter blocks over positions, intra blocks over sub-tokens.
 
 A token index in [0, 2^K) is split LSB-first into M sub-tokens with bits (k1, ..., kM); the model takes the
-sub-tokens (B, T, M) directly.
+sub-tokens (B, T, M) directly. It owns its factorization: split() / merge() go between indices and sub-tokens.
 
 Architecture choices (the parameter counts of B / L / XL in the paper, 343.6M / 804.4M / 1486.7M, pin them down):
 - inter input [class, e_0, ..., e_{T-2}], e_t = sum_j E_j(s_{j,t}); class table num_classes + 1 rows (last = null).
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantizers.subtokens import merge_subtokens, split_indices
 from .llama import Block, KVCache, RMSNorm, block_params, ffn_hidden, rope_table
 from .sampling import check_sampling_args, guide, per_subtoken, sample
 
@@ -138,6 +139,14 @@ class FactorizedAR(nn.Module):
     @property
     def num_subtokens(self) -> int:
         return len(self.cfg.bits)
+
+    def split(self, indices: Tensor) -> Tensor:
+        """Token indices (B, T) -> sub-tokens (B, T, M) of this model's factorization bits."""
+        return split_indices(indices, self.cfg.bits)
+
+    def merge(self, sub: Tensor) -> Tensor:
+        """Sub-tokens (B, T, M) -> token indices (B, T): the inverse of split()."""
+        return merge_subtokens(sub, self.cfg.bits)
 
     def _check_labels(self, labels: Tensor, batch: int | None = None) -> None:
         if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):

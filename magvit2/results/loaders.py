@@ -96,7 +96,7 @@ def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_
         rows.append({
             "run_id": r.info.run_id, "run_name": r.info.run_name, "experiment": exps.get(r.info.experiment_id),
             "stage": t.get(tracking.STAGE), "sweep_id": t.get(tracking.SWEEP_ID), "status": r.info.status,
-            "signature": t.get(tracking.SIGNATURE), "parent_run_id": t.get("mlflow.parentRunId"),
+            "signature": t.get(tracking.SIGNATURE), "parent_run_id": t.get(tracking.PARENT_RUN_ID),
             "overrides": t.get(tracking.OVERRIDES), "start_time": r.info.start_time, "end_time": r.info.end_time,
             "missing": {k[len(tracking.MISSING_PREFIX):]: v for k, v in t.items()
                         if k.startswith(tracking.MISSING_PREFIX)},

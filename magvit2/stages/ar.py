@@ -9,25 +9,16 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from magvit2 import tracking
 from magvit2.data import tokens as T
 from magvit2.data.sampler import GlobalBatchSampler
-from magvit2.models.ar import ARConfig, FactorizedAR, subtoken_loss
-from magvit2.quantizers import split_indices
-from magvit2.stages.common import RunContext
+from magvit2.build import build_ar, build_token_dataset
+from magvit2.models.ar import subtoken_loss
+from magvit2.runtime.context import RunContext
 from magvit2.stages.generate import evaluate_generation
 from magvit2.stages.resolve import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def ar_config(cfg, grid: int) -> ARConfig:
-    m = cfg.model
-    return ARConfig(bits=tuple(cfg.factorization.bits), dim=m.dim, n_inter=m.n_inter, n_intra=m.n_intra,
-                    n_heads=m.n_heads, num_classes=m.num_classes, grid=grid, class_dropout=m.class_dropout,
-                    embed_dropout=m.embed_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout,
-                    # run dirs written before these settings existed were trained with identity / intra dropout
-                    class_rope=m.get("class_rope", "identity"),
-                    intra_embed_dropout=m.get("intra_embed_dropout", True))
 
 
 def lr_lambda(t):
@@ -76,12 +67,12 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     t, acc = ctx.t, ctx.acc
     shards = T.extract(cfg, tokenizer, tok_id, acc)  # tokens=online: val tokens only
     train_ds, to_tokens = T.train_input(cfg, tokenizer, shards, acc.device)
-    val_ds = T.TokenShards(shards, "val")
+    val_ds = build_token_dataset(cfg, shards, "val")
     grid = val_ds.tokens.shape[-1]
     mode = T.tokens_cfg(cfg)["name"]
     bits = list(cfg.factorization.bits)
     ckpt = ctx.open()
-    model = FactorizedAR(ar_config(cfg, grid))
+    model = build_ar(cfg, grid)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.weight_decay_on), lr=t.lr, betas=tuple(t.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
@@ -96,7 +87,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
                         "derived.tokenizer": tok_info.get("source", ""), "derived.tokens": mode,
                         "derived.train_tokens": len(train_ds) * max(1, T.variants(cfg))})
         if ctx.is_main:
-            ctx.tracker.set_tags({"magvit2.tokenizer": tok_info.get("source", "")})
+            ctx.tracker.set_tags({tracking.TOKENIZER: tok_info.get("source", "")})
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
@@ -113,7 +104,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     for step in range(start, t.steps):
         for _ in range(t.grad_accum):
             x, y = next(batches)  # images (online: encoded here) or cached token grids
-            sub = split_indices(to_tokens(x).flatten(1), bits)
+            sub = raw.split(to_tokens(x).flatten(1))
             with acc.accumulate(model):
                 with acc.autocast():
                     logits = model(sub, y.to(acc.device))
@@ -125,25 +116,21 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
             seen += sub.shape[0] * sub.shape[1]
         sched.step()
         step1 = step + 1
-        if step1 % cfg.tracking.log_every == 0 or step1 == t.steps:
+
+        def metrics():
+            nonlocal tic, seen
             dt = time.perf_counter() - tic
             m = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()},
                  "train/lr": sched.get_last_lr()[0]}
-            last = {k: float(acc.reduce(v.float(), "mean")) if torch.is_tensor(v) else float(v) for k, v in m.items()}
-            last["train/tokens_per_s"] = seen * acc.num_processes / max(dt, 1e-9)
+            out = {k: float(acc.reduce(v.float(), "mean")) if torch.is_tensor(v) else float(v) for k, v in m.items()}
+            out["train/tokens_per_s"] = seen * acc.num_processes / max(dt, 1e-9)
             tic, seen = time.perf_counter(), 0
-            ctx.log(last, step1)
-            ctx.status(step1, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}")
-        bar.update(1)
-        if t.eval_every and step1 % t.eval_every == 0 and step1 != t.steps:
-            ctx.log(val_loss(raw, val_ds, bits, acc), step1)
-        if step1 % t.ckpt_every == 0 and step1 != t.steps:
-            ctx.save(step1, payload())
-        ctx.maybe_preempt(step1, payload)
+            return out
+        last = ctx.end_step(step1, bar, metrics, lambda: val_loss(raw, val_ds, acc), payload,
+                            {"loss": "train/loss"}) or last
     bar.close()
     ctx.save(t.steps, payload())
-    results = {**val_loss(raw, val_ds, bits, acc)}
+    results = {**val_loss(raw, val_ds, acc)}
     results.update(evaluate_generation(cfg, ctx, raw, tokenizer))
     ctx.log(results, t.steps)
     out = ctx.finish(t.steps, {**last, **results})
@@ -151,7 +138,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
 
 
 @torch.no_grad()
-def val_loss(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
+def val_loss(model, val_ds, acc, batch_size: int = 64) -> dict:
     """Teacher-forced loss and accuracy per sub-token on the held-out tokens (true labels, no label dropout)."""
     was = model.training
     model.eval()
@@ -159,7 +146,7 @@ def val_loss(model, val_ds, bits, acc, batch_size: int = 64) -> dict:
     sums, n = {}, 0
     for s in range(0, len(idx), batch_size):
         tok, y = zip(*(val_ds[i] for i in idx[s:s + batch_size]))
-        sub = split_indices(torch.stack(tok).flatten(1).to(acc.device), bits)
+        sub = model.split(torch.stack(tok).flatten(1).to(acc.device))
         loss, stats = model.loss(sub, torch.stack(y).to(acc.device))
         b = sub.shape[0]
         for k, v in {"loss": loss, **stats}.items():

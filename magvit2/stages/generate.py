@@ -8,28 +8,28 @@ import torch
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
+from magvit2 import tracking
 from magvit2.config import subtoken_values
-from magvit2.quantizers import merge_subtokens
 from magvit2.metrics.grids import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def sample_images(model, tokenizer, labels: torch.Tensor, sampling, bits, seed: int, batch_size: int,
-                  device, show: bool = True) -> torch.Tensor:
+def sample_images(model, tokenizer, labels: torch.Tensor, sampling, seed: int, batch_size: int, device,
+                  show: bool = True) -> torch.Tensor:
     """-> images in [-1, 1], (N, 3, H, W), for the given labels; reproducible for a seed and batch size."""
     was = model.training
     model.eval()
     out = []
-    grid = model.cfg.grid
+    grid, m = model.cfg.grid, model.num_subtokens
     for s in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not show, mininterval=1.0):
         y = labels[s:s + batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
-        sub = model.generate(y, cfg_scale=subtoken_values(sampling.cfg_scale, len(bits), "sampling.cfg_scale"),
-                             temperature=subtoken_values(sampling.temperature, len(bits), "sampling.temperature"),
+        sub = model.generate(y, cfg_scale=subtoken_values(sampling.cfg_scale, m, "sampling.cfg_scale"),
+                             temperature=subtoken_values(sampling.temperature, m, "sampling.temperature"),
                              top_k=sampling.top_k, top_p=sampling.top_p, generator=g)
-        idx = merge_subtokens(sub, bits).view(-1, grid, grid)
+        idx = model.merge(sub).view(-1, grid, grid)
         out.append(tokenizer.decode_indices(idx).float().clamp(-1, 1).cpu())
     model.train(was)
     return torch.cat(out)
@@ -51,12 +51,12 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
 
     This in-loop FID (eval/fid: eval/n_samples samples vs eval/n_real val images, tag magvit2.fid_protocol) tracks
     progress; it is not the paper's gFID (50 samples x 1000 classes vs the ADM ImageNet-256 reference batch)."""
-    from magvit2.data.images import build_dataset
+    from magvit2.build import build_dataset
     acc, s = ctx.acc, cfg.sampling
     labels = class_labels(cfg.model.num_classes, s.per_class)
     mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
-    imgs = sample_images(model, tokenizer, labels[mine], s, list(cfg.factorization.bits), s.seed + acc.process_index,
-                         s.batch_size, acc.device, show=ctx.is_main)
+    imgs = sample_images(model, tokenizer, labels[mine], s, s.seed + acc.process_index, s.batch_size, acc.device,
+                         show=ctx.is_main)
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     res = {"eval/n_samples": float(len(labels))}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
@@ -80,7 +80,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     if s.export_npz:
         npz = ctx.run_dir / "samples.npz"
         M.export_adm_npz(as_numpy_uint8(images), npz)
-        ctx.tracker.set_tags({"magvit2.samples_npz": str(npz)})
+        ctx.tracker.set_tags({tracking.SAMPLES_NPZ: str(npz)})
     if isinstance(inception, M.Missing):
         for k in ("eval/fid", "eval/is"):
             ctx.tracker.log_missing(k, inception.reason)
@@ -90,6 +90,6 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
             ctx.tracker.log_missing(f"eval/{k}", v.reason)
         else:
             res[f"eval/{k}"] = float(v)
-    ctx.tracker.set_tags({"magvit2.fid_protocol": f"in-loop: {len(labels)} samples ({s.per_class} per class) vs "
+    ctx.tracker.set_tags({tracking.FID_PROTOCOL: f"in-loop: {len(labels)} samples ({s.per_class} per class) vs "
                           f"{int(out['n_real'])} val images; not the paper's gFID (50k vs the ADM reference batch)"})
     return res

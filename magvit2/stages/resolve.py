@@ -1,17 +1,15 @@
 """Which tokenizer an AR run uses: `tokens.tokenizer: auto | PATH | runs:/<mlflow run id>`.
 
-auto: the finished tokenizer run with the same tokenizer signature, trained first (by all processes of this member)
-if there is none; concurrent members wait on its lock instead of training it twice.
+auto: the finished tokenizer run with the same tokenizer signature (stages/pipeline.py trains it first when a
+training command needs it). Resolving only finds: sampling or evaluating never trains.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from magvit2 import config as C
+from magvit2.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -19,28 +17,32 @@ log = logging.getLogger(__name__)
 def checkpoint_path(cfg) -> tuple[Path, str]:
     ck = cfg.tokens.tokenizer
     if ck in (None, "auto"):
-        from magvit2.stages.tokenizer import train_tokenizer
-        res = train_tokenizer(OmegaConf.merge(cfg, {"stage": "tokenizer"}))
-        return Path(res["run_dir"]) / "checkpoint.pt", f"auto:{C.tokenizer_signature(cfg)}"
+        sig = C.tokenizer_signature(cfg)
+        run = RunDir.find(cfg.paths.runs, "tokenizer", sig)
+        if run is None:
+            raise C.ConfigError(
+                f"tokens.tokenizer=auto: no finished tokenizer run with signature {sig} under "
+                f"{Path(cfg.paths.runs) / 'tokenizer'} (deleted, moved or never finished): train it again with "
+                f"`python -m magvit2.train` and this run's settings, or set tokens.tokenizer to a tokenizer "
+                f"checkpoint.pt, its run dir or runs:/<mlflow run id>")
+        return run.checkpoint, f"auto:{sig}"
     ck = str(ck)
     if ck.startswith("runs:/"):
-        import mlflow
         from magvit2 import tracking
-        mlflow.set_tracking_uri(tracking.tracking_uri(str(cfg.paths.root), cfg.tracking.uri))
         run_id = ck[len("runs:/"):].strip("/").split("/")[0]
         try:
-            run = mlflow.MlflowClient().get_run(run_id)
+            tags = tracking.run_tags(run_id, str(cfg.paths.root), cfg.tracking.uri)
         except Exception as e:
             raise C.ConfigError(f"tokens.tokenizer={ck}: no such MLflow run ({e}); use a tokenizer run id "
                                 f"from the magvit2-tokenizer experiment") from e
-        rd = run.data.tags.get("magvit2.run_dir")
+        rd = tags.get(tracking.RUN_DIR)
         if not rd:
             raise C.ConfigError(f"tokens.tokenizer={ck}: run {run_id} is not a magvit2 tokenizer run "
-                                f"(no magvit2.run_dir tag)")
-        return Path(rd) / "checkpoint.pt", ck
+                                f"(no {tracking.RUN_DIR} tag)")
+        return RunDir(rd).checkpoint, ck
     p = Path(ck).expanduser()
     if p.is_dir():
-        p = p / "checkpoint.pt"
+        p = RunDir(p).checkpoint
     if not p.is_file():
         raise C.ConfigError(f"tokens.tokenizer={ck}: file not found; give a tokenizer checkpoint.pt, its run "
                             f"dir, runs:/<mlflow run id>, or auto")
@@ -56,12 +58,12 @@ def load_tokenizer(cfg):
 
     tokens.weights: raw (the original's `use_ema: False` in its AR configs: the tokenizer's training weights)
     or ema (its EMA weights, with which the tokenizer stage evaluates)."""
-    from magvit2.stages.tokenizer import build_tokenizer
+    from magvit2.build import build_tokenizer
     weights = cfg.tokens.weights
     if weights not in ("raw", "ema"):
         raise C.ConfigError(f"tokens.weights={weights!r}: use raw (the original's) or ema")
     path, source = checkpoint_path(cfg)
-    from magvit2.launch import checkpoint  # weights_only: a checkpoint file must never run code
+    from magvit2 import checkpoint  # weights_only: a checkpoint file must never run code
     ckpt = checkpoint.load(path, f"tokens.tokenizer={cfg.tokens.tokenizer}", _REFUSED_FIX)
     model = build_tokenizer(cfg)
     try:
@@ -77,7 +79,7 @@ def load_tokenizer(cfg):
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
     ident = f"{source}@step{ckpt.get('step', '?')}:{weights}"
-    st = json.loads(s.read_text()) if (s := path.parent / "status.json").exists() else {}
+    st = RunDir(path.parent).read_status()
     metrics = {k: v for k, v in st.get("metrics", {}).items() if k.startswith("eval/")}
     return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics,
                           "weights": weights}

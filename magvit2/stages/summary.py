@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from magvit2.runs import RunDir
+
 # (key, label, format, what N counts). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian
 # one is labelled as such. The FID is the in-loop one (samples vs val images), not the paper's 50k gFID protocol.
 _KEYS = [("eval/psnr", "PSNR", ".2f", "img"), ("eval/ssim_skimage", "SSIM", ".3f", "img"),
@@ -44,8 +46,8 @@ def format_summary(stage: str, result: dict, tracking_uri: str) -> str:
     for f in ("recon_grid.png", "samples.png", "samples.npz"):
         if (rd / f).exists():
             lines.append(f"   {f:32s} {rd / f}")
-    if os.path.exists(rd / "status.json"):
-        lines.append(f"   {'status / missing metrics':32s} {rd / 'status.json'}, MLflow tags magvit2.missing.*")
+    if RunDir(rd).status.exists():
+        lines.append(f"   {'status / missing metrics':32s} {RunDir(rd).status}, MLflow tags magvit2.missing.*")
     lines.append(f"   MLflow store: {tracking_uri}")
     if tracking_uri.startswith("sqlite"):
         lines.append(f"   open the UI:  mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")

@@ -10,27 +10,17 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from magvit2 import metrics as M
-from magvit2.data.images import build_dataset
+from magvit2.build import build_dataset, build_discriminator, build_tokenizer
 from magvit2.data.sampler import GlobalBatchSampler
-from magvit2.models.discriminator import LeCAM, PatchDiscriminator, generator_adv_loss, hinge_d_loss
+from magvit2.models.discriminator import generator_adv_loss, hinge_d_loss
 from magvit2.models.ema import EMA
-from magvit2.models.tokenizer import Tokenizer
-from magvit2.stages.common import RunContext
+from magvit2.runtime.context import RunContext
 from magvit2.metrics.grids import save_grid
 
 log = logging.getLogger(__name__)
-
-
-def build_tokenizer(cfg) -> Tokenizer:
-    t = cfg.tokenizer
-    return Tokenizer(instantiate(cfg.quantizer), ch=t.ch, ch_mult=tuple(t.ch_mult), num_res_blocks=t.num_res_blocks,
-                     resolution=t.resolution,  # configs from before these settings: population variance, bias 1
-                     adagn_variance=t.get("adagn_variance", "population"),
-                     adagn_scale_init=t.get("adagn_scale_init", "one"))
 
 
 def _step_decay(milestones):
@@ -56,8 +46,7 @@ def _train(cfg, ctx: RunContext) -> dict:
     t, L, acc = ctx.t, cfg.tokenizer.loss, ctx.acc
     ckpt = ctx.open()
     model = build_tokenizer(cfg)
-    disc = PatchDiscriminator(3, ndf=L.disc_ndf, n_layers=L.disc_layers)
-    lecam = LeCAM()
+    disc, lecam = build_discriminator(cfg)
     opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=tuple(t.betas))
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _step_decay(t.lr_decay_steps))
@@ -136,24 +125,18 @@ def _train(cfg, ctx: RunContext) -> dict:
             sched_d.step()
         ema.update(raw)
         step1 = step + 1
-        if step1 % cfg.tracking.log_every == 0 or step1 == t.steps:
+
+        def metrics():
             m = {"train/loss": loss, "train/rec_l1": rec, "train/perceptual": p_loss, "train/g_adv": g_adv,
                  "train/lr": sched_g.get_last_lr()[0], "train/utilization_batch":
                  torch.unique(q.indices).numel() / raw.quantizer.codebook_size,
                  **{f"train/{k}": v for k, v in q.stats.items()}}
             if gan_on:
                 m.update({"train/d_loss": d_hinge, "train/lecam": reg})
-            last = {k: float(acc.reduce(v.detach().float(), "mean")) if torch.is_tensor(v) else float(v)
+            return {k: float(acc.reduce(v.detach().float(), "mean")) if torch.is_tensor(v) else float(v)
                     for k, v in m.items()}
-            ctx.log(last, step1)
-            ctx.status(step1, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}", l1=f"{last['train/rec_l1']:.3f}")
-        bar.update(1)
-        if t.eval_every and step1 % t.eval_every == 0 and step1 != t.steps:
-            ctx.log(evaluate(cfg, ctx, raw, ema, lpips_model, save_images=False), step1)
-        if step1 % t.ckpt_every == 0 and step1 != t.steps:
-            ctx.save(step1, payload())
-        ctx.maybe_preempt(step1, payload)
+        last = ctx.end_step(step1, bar, metrics, lambda: evaluate(cfg, ctx, raw, ema, lpips_model, save_images=False),
+                            payload, {"loss": "train/loss", "l1": "train/rec_l1"}) or last
     bar.close()
     ctx.save(t.steps, payload())
     results = evaluate(cfg, ctx, raw, ema, lpips_model, save_images=True)

@@ -1,7 +1,5 @@
-"""Run and sweep state on disk: what a status table, a dedup check or a resumed job reads.
+"""Sweep state on disk: what a status table or a dedup check reads (run dirs: magvit2.runs).
 
-run_dir/status.json   {state: new|running|finished|failed|preempted, step, metrics, slurm_job_id, host, updated}
-run_dir/checkpoint.pt the latest atomic checkpoint (resume point)
 sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
 
 A sweep table adds what only the SLURM queue knows: queued (job waits), starting (job runs, run not open yet),
@@ -11,61 +9,20 @@ resubmitting the sweep resumes it).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from magvit2 import config as C
-
-STATUS = "status.json"
-CKPT = "checkpoint.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
-
-
-def read_status(run_dir: Path) -> dict:
-    st = read_json(Path(run_dir) / STATUS, None)
-    if st is None:
-        st = {"state": "partial" if (Path(run_dir) / CKPT).exists() else "new", "step": 0, "metrics": {}}
-    return st
-
-
-def write_status(run_dir: Path, **fields) -> dict:
-    st = read_status(run_dir)
-    st.update(fields, host=socket.gethostname(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if os.environ.get("SLURM_JOB_ID"):
-        st["slurm_job_id"] = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"]) + (
-            f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if os.environ.get("SLURM_ARRAY_TASK_ID") else "")
-    atomic_write_text(Path(run_dir) / STATUS, json.dumps(st, indent=1, default=str))
-    return st
+from magvit2.runs import RunDir, atomic_write_text, read_json
 
 
 def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
-    rd = C.run_dir(cfg)
-    st = read_status(rd)
+    rd = RunDir.of(cfg)
+    st = rd.read_status()
     return {"member": C.member_name(cfg), "overrides": [o for o in overrides if not o.startswith("sweep.")],
-            "stage": cfg.stage, "signature": C.signature(cfg), "run_dir": str(rd), "state": st["state"],
+            "stage": cfg.stage, "signature": rd.signature, "run_dir": str(rd), "state": st["state"],
             "step": st.get("step", 0), "steps": int(cfg.trainer[cfg.stage].steps), "metrics": st.get("metrics", {}),
             "slurm_job_id": st.get("slurm_job_id")}
 
@@ -115,7 +72,7 @@ def refresh(sweep_dir: Path) -> list[dict]:
         raise FileNotFoundError(f"no sweep recorded at {sweep_dir}")
     rows = []
     for m in doc["members"]:
-        st = read_status(Path(m["run_dir"]))
+        st = RunDir(m["run_dir"]).read_status()
         submitted = doc.get("jobs", {}).get(m["run_dir"])
         rows.append({**m, "state": st["state"], "step": st.get("step", 0), "metrics": st.get("metrics", {}),
                      "slurm_job_id": submitted or st.get("slurm_job_id"),
@@ -130,7 +87,7 @@ def refresh(sweep_dir: Path) -> list[dict]:
         elif q == "RUNNING" and r["state"] in ("new", "partial", "preempted"):
             r["state"] = "starting"  # the job runs, the member has not opened its run yet
         elif q is None:  # left the queue: finished meanwhile, or ended without finishing
-            now = read_status(Path(r["run_dir"]))
+            now = RunDir(r["run_dir"]).read_status()
             gone = "stopped" if now["state"] == "preempted" else "died"  # stopped: a checkpoint to resume
             r.update(state=now["state"] if now["state"] in TERMINAL else gone, step=now.get("step", 0),
                      metrics=now.get("metrics", {}))

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from magvit2.launch import state
+from magvit2.runs import read_json
+from magvit2.sweep import state
 
 
 def find_sweep(ref: str, root: Path) -> Path:
@@ -42,15 +43,13 @@ def member_log(row: dict, root: Path) -> Path | None:
 
 def close_parent_run(sweep_dir: Path, rows: list[dict]) -> str | None:
     """FINISHED/FAILED on the sweep's MLflow parent run once no member can change any more; returns the status."""
-    doc = state.read_json(sweep_dir / "sweep.json", {})
+    doc = read_json(sweep_dir / "sweep.json", {})
     if not doc.get("parent_run_id") or not doc.get("tracking_uri") or any(
             r["state"] not in state.ENDED for r in rows):
         return None
-    from mlflow import MlflowClient
-    client = MlflowClient(doc["tracking_uri"])
+    from magvit2 import tracking
     status = "FINISHED" if all(r["state"] == "finished" for r in rows) else "FAILED"
-    if client.get_run(doc["parent_run_id"]).info.status == "RUNNING":
-        client.set_terminated(doc["parent_run_id"], status)
+    tracking.end_if_running(doc["parent_run_id"], status, doc["tracking_uri"])
     return status
 
 
@@ -100,6 +99,3 @@ def main(argv=None) -> int:
             print("\n".join(log.read_text(errors="replace").splitlines()[-a.tail:]))
     return 1 if a.wait and any(r["state"] != "finished" for r in rows) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

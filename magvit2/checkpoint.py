@@ -2,17 +2,21 @@
 
 Every checkpoint is read with torch.load(weights_only=True): a pickle that names anything but tensors and plain
 values (a `__reduce__` calling os.system, a numpy array, an old-format RNG state) is refused before any of it runs.
-The RNG state magvit2 stores is tensors + plain numbers for this reason (magvit2.launch.dist.rng_state).
+The RNG state magvit2 stores is tensors + plain numbers for this reason (rng_state below).
 """
 from __future__ import annotations
 
+import random
 import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from magvit2.config import ConfigError
+
+RNG_FORMAT = 2  # 1 (unversioned): pickled Python/numpy objects, refused by weights_only loading
 
 
 def load(path, setting: str, fix: str) -> dict:
@@ -38,3 +42,31 @@ def _reason(e: Exception) -> str:
         return f"not a plain-tensor checkpoint: {m.group(1).strip().lower()}"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"not a readable torch checkpoint: {type(e).__name__}{': ' + first[:200] if first else ''}"
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain numbers only, so checkpoints load with torch.load(weights_only=True)
+    (a pickled numpy array or Python object would need the unpickler to run code)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"format": RNG_FORMAT,
+          "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                     "gauss": None if gauss is None else float(gauss)},
+          "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    if not isinstance(st, dict) or st.get("format") != RNG_FORMAT:
+        raise ValueError(f"RNG state of an unknown format ({type(st).__name__}): written by another magvit2 version")
+    py, npy = st["python"], st["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 
+from magvit2.runs import slurm_job_id
+
 log = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
@@ -59,8 +61,6 @@ class Preemption:
         if signum != signal.SIGTERM and callable(prev):
             prev(signum, None)  # submitit: checkpoint() -> requeue -> sys.exit
         elif signum != signal.SIGTERM and is_main and os.environ.get("SLURM_JOB_ID"):
-            jid = os.environ.get("SLURM_ARRAY_JOB_ID")
-            jid = f"{jid}_{os.environ['SLURM_ARRAY_TASK_ID']}" if jid else os.environ["SLURM_JOB_ID"]
-            subprocess.run(["scontrol", "requeue", jid], check=False, timeout=60)
+            subprocess.run(["scontrol", "requeue", slurm_job_id()], check=False, timeout=60)
         log.warning("exiting after the preemption checkpoint; a restart resumes from it")
         sys.exit(128 + int(signum))

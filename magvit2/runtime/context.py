@@ -1,0 +1,134 @@
+"""One stage's run inside this process: its RunDir (files), accelerator, MLflow member run (main process only) and
+preemption handler. A loop calls acquire, open, restore_rng, end_step after every optimizer step, then finish."""
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from magvit2.checkpoint import set_rng_state
+from magvit2.runs import RunDir
+from magvit2.runtime import dist
+from magvit2.runtime.preempt import Preemption
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    def __init__(self, cfg: DictConfig, stage: str):
+        self.cfg, self.stage, self.t = cfg, stage, cfg.trainer[stage]
+        self.run = RunDir.of(cfg, stage)
+        self.acc = dist.make_accelerator(self.t.precision, self.t.grad_accum)
+        self.is_main = self.acc.is_main_process
+        self.preempt = Preemption()
+        self.tracker = None  # the MLflow member run, on the main process once open
+        self._lock = None
+
+    run_dir = property(lambda self: self.run.path)
+    signature = property(lambda self: self.run.signature)
+
+    def acquire(self) -> dict | None:
+        """Lock the run dir (waiting if another process trains it). Returns its status if it already finished."""
+        if self.is_main:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            self._lock = self.run.lock().__enter__()
+        self.acc.wait_for_everyone()
+        done = self.run.finished()
+        if done:
+            self.close("FINISHED")
+        return done
+
+    def open(self) -> dict | None:
+        """Load the checkpoint if any, open (or reopen) the MLflow run. Returns the checkpoint."""
+        if str(os.environ.get("MLFLOW_TRACKING_URI") or self.cfg.tracking.uri or "").startswith("http"):
+            from magvit2 import tracking  # every rank: a refused server stops all ranks at once, not rank 0 alone
+            tracking.check_server(tracking.tracking_uri(str(self.cfg.paths.root), self.cfg.tracking.uri))
+        ckpt = self.run.load() if self.run.checkpoint.exists() else None
+        dist.seed_everything(int(self.cfg.seed) + self.acc.process_index)  # model init, before any resume
+        if self.is_main:
+            from magvit2.runtime.tracker import open_member_run
+            self.tracker = open_member_run(self.cfg, self.stage, self.run, self.acc.num_processes, ckpt)
+            self.run.write_config(self.cfg)
+            self.run.write_status(state="running", steps=int(self.t.steps), world_size=self.acc.num_processes,
+                                  device=str(self.acc.device), mlflow_run_id=self.tracker.run_id)
+        self.preempt.install()
+        return ckpt
+
+    def restore_rng(self, ckpt: dict | None) -> None:
+        """Call last before the loop: model construction and DataLoader iterators draw from the RNG too."""
+        if ckpt is not None:
+            set_rng_state(self.run.load_rng(self.acc.process_index, ckpt))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.is_main and self.tracker is not None and metrics:
+            self.tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step)
+
+    def log_params(self, params: dict) -> None:
+        if self.is_main and self.tracker is not None:
+            try:
+                self.tracker.log_params({k: str(v) for k, v in params.items()})
+            except Exception as e:  # already logged by the first attempt of a resumed run
+                log.debug(f"params not re-logged: {e}")
+
+    def save(self, step: int, payload: dict) -> None:
+        self.run.save(step, {**payload, "mlflow_run_id": self.tracker.run_id if self.tracker else None},
+                      self.acc.process_index, self.acc.wait_for_everyone)
+
+    def end_step(self, step: int, bar, metrics, evaluate, payload, postfix: dict) -> dict | None:
+        """What follows optimizer step `step` (1-based) in both loops: every tracking.log_every steps (and the last)
+        metrics() -> MLflow, status.json and the bar (postfix: {label: metric key}); every eval_every steps
+        evaluate() -> MLflow; every ckpt_every steps a checkpoint of payload(); on a preemption signal a checkpoint,
+        then exit. The last step's eval and checkpoint are the loop's own. Returns the logged metrics, else None."""
+        t, logged = self.t, None
+        if step % self.cfg.tracking.log_every == 0 or step == t.steps:
+            logged = metrics()  # all ranks: it may all-reduce
+            self.log(logged, step)
+            if self.is_main:
+                self.run.write_status(step=step, metrics={k: float(v) for k, v in logged.items()})
+            bar.set_postfix({label: f"{logged[k]:.3f}" for label, k in postfix.items()})
+        bar.update(1)
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            self.log(evaluate(), step)
+        if step % t.ckpt_every == 0 and step != t.steps:
+            self.save(step, payload())
+        if self.preempt.requested(self.acc):
+            self.save(step, payload())
+            if self.is_main:
+                self.run.write_status(state="preempted", step=step)
+                self.close("KILLED")
+            self.preempt.hand_over(self.is_main)
+        return logged
+
+    def finish(self, step: int, results: dict) -> dict:
+        if self.is_main:
+            clean = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            self.run.write_status(state="finished", step=step, metrics=clean)
+            self.run.write_results(results)
+            if self.tracker is not None:  # the final eval table; the checkpoint is referenced, not copied
+                from magvit2 import tracking
+                self.tracker.log_dict(results, "eval.json")
+                self.tracker.set_tags({tracking.CHECKPOINT: str(self.run.checkpoint)})
+            self.close("FINISHED")
+        self.preempt.uninstall()
+        self.acc.wait_for_everyone()
+        return {"run_dir": str(self.run_dir), "signature": self.signature, **results}
+
+    def fail(self, err: BaseException) -> None:
+        if self.is_main:
+            self.run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
+            self.close("FAILED")
+        self.preempt.uninstall()
+
+    def close(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.end(status)
+            self.tracker = None
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def progress(self, start: int, total: int, desc: str):
+        from tqdm.auto import tqdm
+        return tqdm(total=total, initial=start, desc=desc, disable=not self.is_main, dynamic_ncols=True,
+                    mininterval=1.0)

@@ -1,0 +1,5 @@
+import sys
+
+from magvit2.sweep.status import main
+
+sys.exit(main())

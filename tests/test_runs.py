@@ -1,0 +1,99 @@
+"""magvit2.runs.RunDir in process: its paths, the atomic checkpoint + RNG save and its load, status, finding
+finished runs."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from magvit2.config import ConfigError
+from magvit2.runs import RunDir, atomic_write_text, slurm_job_id
+
+
+def test_paths_follow_the_layout(tmp_path):
+    rd = RunDir(tmp_path / "runs" / "ar" / "abc123")
+    assert (rd.stage, rd.signature) == ("ar", "abc123")
+    assert rd.checkpoint == rd.path / "checkpoint.pt" and rd.status == rd.path / "status.json"
+    assert rd.config == rd.path / "config.yaml" and rd.results == rd.path / "results.json"
+    assert rd.rng(1, 4) == rd.path / "rng-1-4.pt"
+    assert rd.lock().path == tmp_path / "runs" / "ar" / "abc123.lock"
+
+
+def test_save_then_load_round_trips_weights_and_rng(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    w = torch.randn(3, 4)
+    for step in (2, 4):
+        random.random(), np.random.rand(), torch.rand(1)
+        rd.save(step, {"model": {"w": w * step}})
+    expected = (random.random(), np.random.rand(), torch.rand(2).tolist())
+    ckpt = rd.load()
+    assert ckpt["step"] == 4 and ckpt["signature"] == "r" and torch.equal(ckpt["model"]["w"], w * 4)
+    assert sorted(p.name for p in rd.path.glob("rng-*")) == ["rng-0-4.pt"]  # older steps' RNG files are gone
+    assert not [p for p in rd.path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    from magvit2.checkpoint import set_rng_state
+    set_rng_state(rd.load_rng(0, ckpt))
+    assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == expected
+    assert rd.read_status()["state"] == "running" and rd.read_status()["step"] == 4
+    set_rng_state(rd.load_rng(3, ckpt))  # a rank without its file resumes with rank 0's state (in the checkpoint)
+
+
+def test_load_refuses_code(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    rd.path.mkdir()
+    torch.save({"x": np.zeros(2)}, rd.checkpoint)  # a numpy array needs the unpickler to run code
+    with pytest.raises(ConfigError, match="refused"):
+        rd.load()
+
+
+def test_status_defaults_and_updates(tmp_path, monkeypatch):
+    rd = RunDir(tmp_path / "r")
+    assert rd.read_status() == {"state": "new", "step": 0, "metrics": {}} and rd.finished() is None
+    rd.path.mkdir()
+    rd.checkpoint.write_bytes(b"")
+    assert rd.read_status()["state"] == "partial"
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert slurm_job_id() == "10_2"
+    rd.write_status(state="running", step=3)
+    st = rd.write_status(metrics={"a": 1.0})  # fields merge into what is there
+    assert (st["state"], st["step"], st["metrics"], st["slurm_job_id"]) == ("running", 3, {"a": 1.0}, "10_2")
+    assert rd.read_status() == st
+
+
+def test_find_finished_runs(tmp_path):
+    runs = tmp_path / "runs"
+    for sig, state in (("a", "finished"), ("b", "running"), ("c", "finished")):
+        RunDir(runs / "tokenizer" / sig).write_status(state=state)
+    assert RunDir.find(runs, "tokenizer", "a").path == runs / "tokenizer" / "a"
+    assert RunDir.find(runs, "tokenizer", "b") is None and RunDir.find(runs, "tokenizer", "zz") is None
+    assert [r.signature for r in RunDir.finished_runs(runs, "tokenizer")] == ["a", "c"]
+    assert RunDir.finished_runs(runs, "ar") == []
+
+
+def test_atomic_write_text_replaces_whole(tmp_path):
+    p = tmp_path / "d" / "f.json"
+    atomic_write_text(p, "one")
+    atomic_write_text(p, "two")
+    assert p.read_text() == "two" and [x.name for x in p.parent.iterdir()] == ["f.json"]
+
+
+def test_auto_tokenizer_is_found_never_trained(tmp_path):
+    """Resolving tokens.tokenizer=auto only finds: with the tokenizer's run dir gone (e.g. sampling an AR run whose
+    tokenizer was deleted) it is a ConfigError saying what to do, not a training run."""
+    from hydra import compose, initialize_config_dir
+
+    import magvit2.train  # noqa: F401  (resolvers)
+    from magvit2 import config as C
+    from magvit2.stages.resolve import checkpoint_path
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"paths.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="tokens.tokenizer=auto: no finished tokenizer run"):
+        checkpoint_path(cfg)
+    assert not (tmp_path / "runs").exists()
+    tok = RunDir.of(cfg, "tokenizer")
+    tok.write_status(state="finished")
+    assert checkpoint_path(cfg) == (tok.checkpoint, f"auto:{C.tokenizer_signature(cfg)}")
