@@ -14,7 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 STAGES = ("tokenizer", "ar")
 # Keys that never change a run's result (cadence, parallelism, data loading speed).
-_CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers")
+_CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers",
+                 "max_nonfinite_steps")  # a healthy run ignores it; raising it resumes a diverged run
 
 
 class ConfigError(ValueError):

@@ -35,6 +35,12 @@ def main(cfg: DictConfig):
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        from magvit2.runtime.context import Diverged
+        if not isinstance(e, Diverged):
+            raise
+        print(f"\nerror: {e}", file=sys.stderr)  # after the progress bar's line
+        sys.exit(1)
     from magvit2.stages.summary import print_summary
     print_summary(cfg, result)
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
 from omegaconf import DictConfig
 
 from magvit2.checkpoint import set_rng_state
@@ -13,6 +14,10 @@ from magvit2.runtime import dist
 from magvit2.runtime.preempt import Preemption
 
 log = logging.getLogger(__name__)
+
+
+class Diverged(RuntimeError):
+    """More non-finite losses than trainer.<stage>.max_nonfinite_steps allows: the run ends `diverged`."""
 
 
 class RunContext:
@@ -24,6 +29,7 @@ class RunContext:
         self.preempt = Preemption()
         self.tracker = None  # the MLflow member run, on the main process once open
         self._lock = None
+        self._nonfinite = None  # steps with a non-finite loss, counted on the device (no sync per step)
 
     run_dir = property(lambda self: self.run.path)
     signature = property(lambda self: self.run.signature)
@@ -75,12 +81,31 @@ class RunContext:
         self.run.save(step, {**payload, "mlflow_run_id": self.tracker.run_id if self.tracker else None},
                       self.acc.process_index, self.acc.wait_for_everyone)
 
-    def end_step(self, step: int, bar, metrics, evaluate, payload, postfix: dict) -> dict | None:
+    def check_finite(self, step: int) -> None:
+        """Raise Diverged once more steps than max_nonfinite_steps had a non-finite loss (summed over ranks, so all
+        ranks agree). Called before every checkpoint, so the last checkpoint on disk is a good one."""
+        if self._nonfinite is None:
+            return
+        n = int(self.acc.reduce(self._nonfinite, "sum"))
+        if n > int(self.t.get("max_nonfinite_steps", 0)):
+            raise Diverged(f"{self.stage} run {self.signature} diverged: {n} step(s) up to step {step} had a "
+                           f"non-finite loss (trainer.{self.stage}.max_nonfinite_steps="
+                           f"{self.t.get('max_nonfinite_steps', 0)}); lower trainer.{self.stage}.lr or raise the "
+                           f"tolerance; its last good checkpoint is kept in {self.run_dir}")
+
+    def end_step(self, step: int, bar, metrics, evaluate, payload, postfix: dict, losses=()) -> dict | None:
         """What follows optimizer step `step` (1-based) in both loops: every tracking.log_every steps (and the last)
         metrics() -> MLflow, status.json and the bar (postfix: {label: metric key}); every eval_every steps
         evaluate() -> MLflow; every ckpt_every steps a checkpoint of payload(); on a preemption signal a checkpoint,
-        then exit. The last step's eval and checkpoint are the loop's own. Returns the logged metrics, else None."""
+        then exit. The last step's eval and checkpoint are the loop's own. Returns the logged metrics, else None.
+        losses: this step's loss tensors, checked for finiteness at every log step and before every checkpoint."""
         t, logged = self.t, None
+        if losses:
+            bad = torch.stack([~torch.isfinite(x.detach().float()).all() for x in losses]).any().to(torch.int64)
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        if step % self.cfg.tracking.log_every == 0 or step == t.steps or step % t.ckpt_every == 0 \
+                or self.preempt.requested(self.acc):
+            self.check_finite(step)
         if step % self.cfg.tracking.log_every == 0 or step == t.steps:
             logged = metrics()  # all ranks: it may all-reduce
             self.log(logged, step)
@@ -116,7 +141,11 @@ class RunContext:
 
     def fail(self, err: BaseException) -> None:
         if self.is_main:
-            self.run.write_status(state="failed", error=f"{type(err).__name__}: {err}")
+            diverged = isinstance(err, Diverged)
+            self.run.write_status(state="diverged" if diverged else "failed", error=f"{type(err).__name__}: {err}")
+            if diverged and self.tracker is not None:
+                from magvit2 import tracking
+                self.tracker.set_tags({tracking.RUN_STATE: "diverged"})
             self.close("FAILED")
         self.preempt.uninstall()
 

@@ -127,7 +127,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
             tic, seen = time.perf_counter(), 0
             return out
         last = ctx.end_step(step1, bar, metrics, lambda: val_loss(raw, val_ds, acc), payload,
-                            {"loss": "train/loss"}) or last
+                            {"loss": "train/loss"}, losses=(loss,)) or last
     bar.close()
     ctx.save(t.steps, payload())
     results = {**val_loss(raw, val_ds, acc)}

@@ -136,7 +136,8 @@ def _train(cfg, ctx: RunContext) -> dict:
             return {k: float(acc.reduce(v.detach().float(), "mean")) if torch.is_tensor(v) else float(v)
                     for k, v in m.items()}
         last = ctx.end_step(step1, bar, metrics, lambda: evaluate(cfg, ctx, raw, ema, lpips_model, save_images=False),
-                            payload, {"loss": "train/loss", "l1": "train/rec_l1"}) or last
+                            payload, {"loss": "train/loss", "l1": "train/rec_l1"},
+                            losses=(loss, d_loss) if gan_on else (loss,)) or last
     bar.close()
     ctx.save(t.steps, payload())
     results = evaluate(cfg, ctx, raw, ema, lpips_model, save_images=True)

@@ -46,7 +46,7 @@ def record_jobs(sweep_dir: Path, jobs: dict[str, str]) -> None:
         atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
 
 
-TERMINAL = ("finished", "failed")
+TERMINAL = ("finished", "failed", "diverged")
 ENDED = TERMINAL + ("died", "stopped")  # no job will change these members any more (resubmit to continue)
 
 
