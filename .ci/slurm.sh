@@ -62,8 +62,8 @@ SlurmdUser=root
 AuthType=auth/$1
 CredType=cred/$1
 # A requeued job waits cred_expire + 1 s before it may start again (default 120 s); step credentials are
-# checked within milliseconds on one host, so a short lifetime is safe here.
-AuthInfo=cred_expire=10
+# checked within milliseconds on one host, so a short lifetime is safe here. 5 is the least slurm accepts.
+AuthInfo=cred_expire=5
 MpiDefault=none
 # No cgroups: works inside containers and VMs without a delegated cgroup tree.
 ProctrackType=proctrack/linuxproc

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian system packages the tests need: a real SLURM (slurm-wlm 22.05) + munge, and chromium for the
-# MLflow UI browser test (Python playwright drives /usr/bin/chromium via executable_path; no `playwright install`).
+# MLflow UI browser test (Python playwright drives /usr/bin/chromium via executable_path; no `playwright install`),
+# iproute2 + util-linux (ip netns, nsenter, unshare) for the 2-node SLURM in network namespaces (.ci/slurm2.sh).
 # Idempotent: does nothing when everything is already installed. Run as root.
 set -euo pipefail
-PKGS=(slurmctld slurmd slurm-client munge chromium)
+PKGS=(slurmctld slurmd slurm-client munge chromium iproute2 util-linux)
 t0=$(date +%s)
 if [ "$(id -u)" -ne 0 ]; then echo "system-deps.sh: must run as root" >&2; exit 1; fi
 missing=()

@@ -65,7 +65,8 @@ def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
             raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
         return ImageFolder(data_cfg.path, data_cfg.resolution, split, data_cfg.val_fraction,
                            data_cfg.get("val_size"), seed, data_cfg.get("crops", "per_epoch"),
-                           data_cfg.get("resize", "bicubic"))  # configs from before the setting: bicubic
+                           data_cfg.get("resize", "bicubic"),  # configs from before the setting: bicubic
+                           data_cfg.get("on_bad_image", "error"))
     raise ConfigError(f"data={data_cfg.name}: unknown data set; use data=photos or data=imagefolder")
 
 

@@ -28,15 +28,39 @@ def load(path, setting: str, fix: str) -> dict:
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read it is reported the same way, with its reason
-        raise ConfigError(f"{setting}: {path} was refused unread ({_reason(e)}): checkpoints are loaded as tensors "
-                          f"and plain values only, never as code; {fix}") from e
+        reason = _reason(e)
+        if reason.startswith(("it would run code", "not a plain-tensor")) or "Weights only load failed" in str(e):
+            raise ConfigError(f"{setting}: {path} was refused unread ({reason}): checkpoints are loaded as tensors "
+                              f"and plain values only, never as code; {fix}") from e
+        raise ConfigError(f"{setting}: {path} is not a loadable checkpoint ({_unreadable(path, e)}); {fix}") from e
+
+
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy (pre-1.6) pickle format
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """Why a file that is not refused for code still does not load: missing, empty, truncated, not a checkpoint."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as oe:
+        return f"cannot be read: {oe.strerror or oe}"
+    detail = _reason(e).removeprefix("not a readable torch checkpoint: ")
+    if size == 0:
+        return "an empty file (0 bytes): a write that never finished"
+    if head.startswith(_ZIP) or head.startswith(_PICKLE):
+        return (f"truncated or damaged: a torch checkpoint of {size} bytes that ends early or is corrupt, e.g. from a "
+                f"crash or a full disk while it was written ({detail[:160]})")
+    return f"not a torch checkpoint: {size} bytes starting with {head[:12]!r} ({detail[:120]})"
 
 
 def _reason(e: Exception) -> str:
     text = str(e)
-    m = re.search(r"unsupported (GLOBAL \S+)", text, re.I)  # torch's message names the object it would have built
+    # torch's message names the object it would have built
+    m = re.search(r"unsupported (?:global:\s*)?GLOBAL (\S+)", text, re.I)
     if m:
-        return f"it would run code to build {m.group(1).replace('GLOBAL ', '')}"
+        return f"it would run code to build {m.group(1)}"
     m = re.search(r"^\s*(Unsupported [^\n]+)", text, re.M)
     if m:
         return f"not a plain-tensor checkpoint: {m.group(1).strip().lower()}"

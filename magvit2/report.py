@@ -42,17 +42,43 @@ def _known_sweeps(uri: str) -> list[str]:
     return sorted({r.data.tags.get(tracking.SWEEP_ID, "") for r in runs})
 
 
+def _root() -> Path:
+    """The folder train and `sweep status` use: MAGVIT2_ROOT, else ./outputs."""
+    return Path(os.environ.get("MAGVIT2_ROOT") or "outputs")
+
+
+def store_uri(tracking_uri: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<MAGVIT2_ROOT or ./outputs>/mlflow.db (train's
+    store). A sqlite store must exist already: reading one never creates an empty database. Raises LookupError."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        how = "--tracking-uri"
+    elif uri:
+        how = "MLFLOW_TRACKING_URI"
+    else:
+        root = _root()
+        how = (f"MAGVIT2_ROOT={os.environ['MAGVIT2_ROOT']}" if os.environ.get("MAGVIT2_ROOT")
+               else "./outputs (MAGVIT2_ROOT is not set)")
+        uri = "sqlite:///" + str(root.expanduser().resolve() / "mlflow.db")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser()
+        if not db.is_file():
+            raise LookupError(f"no MLflow store at {db} (from {how}): set MAGVIT2_ROOT to the paths.root of your "
+                              f"runs, or pass --tracking-uri (or MLFLOW_TRACKING_URI) naming the store")
+    return uri
+
+
 def build(sweep: str | None, experiment: str | None, out: Path, tracking_uri: str | None = None,
           notebook: Path = NOTEBOOK) -> Path:
     """Execute the notebook into `out`; returns the path of report.md. Raises LookupError if no runs match."""
+    uri = store_uri(tracking_uri)  # before the heavy imports
     import jupytext
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
 
-    from magvit2.results import load_runs, resolve_uri
+    from magvit2.results import load_runs
 
-    uri = resolve_uri(tracking_uri)
     try:  # fail fast, before starting a kernel
         df = load_runs(sweep=sweep, experiment=experiment, tracking_uri=uri)
     except ValueError as exc:
@@ -101,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.report", description=__doc__.split("\n\n")[1])
     ap.add_argument("--sweep", help="sweep id (tag magvit2.sweep_id of the runs)")
     ap.add_argument("--experiment", help="MLflow experiment name, e.g. magvit2-ar (all its member runs)")
-    ap.add_argument("--out", type=Path, help="output folder (default outputs/reports/<sweep or experiment>)")
-    ap.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)")
+    ap.add_argument("--out", type=Path, help="output folder (default <root>/reports/<sweep or experiment>; root: "
+                                              "$MAGVIT2_ROOT, else ./outputs)")
+    ap.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else <root>/mlflow.db)")
     ap.add_argument("--notebook", type=Path, default=NOTEBOOK, help="jupytext notebook to execute")
     args = ap.parse_args(argv)
     if not args.sweep and not args.experiment:
         ap.error("pass --sweep ID or --experiment NAME")
-    out = args.out or Path("outputs") / "reports" / (args.sweep or args.experiment)
+    out = args.out or _root() / "reports" / (args.sweep or args.experiment)
     t0 = time.monotonic()
     try:
         md = build(args.sweep, args.experiment, out, args.tracking_uri, args.notebook)

@@ -26,6 +26,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
     a = ap.parse_args(argv)
+    bad = _check_args(a)  # before any loading: a typo fails at once
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
 
     from magvit2.runs import RunDir
     run = RunDir(a.run_dir)
@@ -77,6 +81,22 @@ def main(argv=None) -> int:
     export_adm_npz(as_numpy_uint8(images), out / "samples.npz")
     print(f"{len(images)} samples (step {ckpt.get('step')}): {grid_path} and {out / 'samples.npz'}")
     return 0
+
+
+def _check_args(a) -> str | None:
+    """The first bad argument's message, else None."""
+    import math
+    for flag, val in (("--per-class", a.per_class), ("--top-k", a.top_k), ("--batch-size", a.batch_size)):
+        if val is not None and val < 1:
+            return f"{flag} {val} must be >= 1" + (" (or leave it out: no top-k filter)" if flag == "--top-k" else "")
+    if a.top_p is not None and not 0.0 < a.top_p <= 1.0:  # NaN fails this too
+        return f"--top-p {a.top_p} must be in (0, 1] (or leave it out: no top-p filter)"
+    for flag, vals in (("--cfg-scale", a.cfg_scale), ("--temperature", a.temperature)):
+        if vals and not all(math.isfinite(v) for v in vals):
+            return f"{flag} {' '.join(map(str, vals))}: every value must be a finite number"
+    if a.temperature and min(a.temperature) <= 0:
+        return f"--temperature {' '.join(map(str, a.temperature))}: every value must be > 0"
+    return None
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ def _split_long(values: dict[str, str], limit: int, marker: str) -> tuple[dict[s
     return kept, long
 
 
-def _set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+def _set_tags(client: MlflowClient, run_id: str, tags: dict, attempts: int = 8) -> None:
     tags = {str(k): "" if v is None else str(v) for k, v in tags.items()}
     kept, long = _split_long(tags, MAX_TAG_VALUE, SEE_TAGS)
     if long:
@@ -346,7 +346,7 @@ def _set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
     items = [RunTag(k, v) for k, v in kept.items()]
     for i in range(0, len(items), _PARAMS_PER_BATCH):
         chunk = items[i:i + _PARAMS_PER_BATCH]
-        _retry(lambda: client.log_batch(run_id, tags=chunk, synchronous=True), "log tags")
+        _retry(lambda: client.log_batch(run_id, tags=chunk, synchronous=True), "log tags", attempts=attempts)
 
 
 def _merge_json_artifact(client: MlflowClient, run_id: str, name: str, new: dict) -> None:
@@ -357,6 +357,31 @@ def _merge_json_artifact(client: MlflowClient, run_id: str, name: str, new: dict
             path = _retry(lambda: client.download_artifacts(run_id, name, tmp), f"download {name}")
             old = json.loads(Path(path).read_text())
     _retry(lambda: client.log_dict(run_id, {**old, **new}, name), f"log {name}")
+
+
+# ------------------------------------------------------------------------------------------------- in-loop logging
+# Once a member's run is open, the training loop must not wait minutes on a dead server (MLflow's own HTTP retries
+# plus _retry): every call gets one short try; when the server does not answer, what it would have written goes to
+# the run dir's spool (metrics.jsonl) and the server is tried again after PROBE_S; the spool is sent once it answers,
+# at the latest when the run ends (end() waits up to END_WAIT_S for it).
+PROBE_S = float(os.environ.get("MAGVIT2_MLFLOW_PROBE_S", "10"))
+END_WAIT_S = float(os.environ.get("MAGVIT2_MLFLOW_END_WAIT_S", "180"))
+_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
+
+
+@contextlib.contextmanager
+def _fast_http():
+    """MLflow's HTTP client reads its retry count and timeout from the environment at every request."""
+    old = {k: os.environ.get(k) for k in _FAST_HTTP}
+    os.environ.update(_FAST_HTTP)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------------------------ members
@@ -371,6 +396,9 @@ class MemberRun:
         self.client = MlflowClient(tracking_uri(root, uri))
         self.experiment_id = get_experiment_id(experiment, root, uri)
         self._pending: list[Metric] = []
+        self.spool: Path | None = None  # set by go_live: the loop's writes wait there while the server is down
+        self._live = False
+        self._retry_at = 0.0  # time.monotonic() before which a down server is not tried again
         self.resumed = run_id is not None
         if run_id is not None:
             try:
@@ -382,7 +410,11 @@ class MemberRun:
             self.run_id = run.info.run_id
             n = int(run.data.tags.get(N_RESUMES, "0")) + 1
             _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"), "reopen run")
-            self.set_tags({**(tags or {}), N_RESUMES: n})
+            try:
+                self.set_tags({**(tags or {}), N_RESUMES: n})
+            except BaseException:  # a failed attempt leaves no RUNNING run behind
+                self._abandon()
+                raise
             return
         base = {KIND: "member", SWEEP_ID: sweep_id or "", STAGE: stage, SIGNATURE: signature,
                 HOST: socket.gethostname()}  # the caller adds SLURM_JOB_ID (magvit2.runs.slurm_job_id)
@@ -396,7 +428,104 @@ class MemberRun:
         run = _retry(lambda: self.client.create_run(self.experiment_id, tags=kept, run_name=run_name), "create run")
         self.run_id = run.info.run_id
         if long:
-            _merge_json_artifact(self.client, self.run_id, TAGS_OVERFLOW, long)
+            try:
+                _merge_json_artifact(self.client, self.run_id, TAGS_OVERFLOW, long)
+            except BaseException:
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """FAILED, best effort (one short try): for a run whose opening failed."""
+        try:
+            with _fast_http():
+                self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - the opening error is the one to report
+            log.warning("mlflow run %s could not be marked FAILED: %s", self.run_id, _first_line(exc))
+
+    # -- the training loop's mode: short tries, a spool in the run dir while the server is down
+    def go_live(self, spool) -> None:
+        """From now on a call that finds the server down writes to `spool` (a file in the run dir) and returns at
+        once; the spool is sent when the server answers again (also what an earlier attempt left there)."""
+        self.spool, self._live = Path(spool), True
+        if self._spooled():
+            self._call("send spooled writes", lambda: None, lambda: None)
+
+    def _spooled(self) -> bool:
+        return self.spool is not None and self.spool.exists() and self.spool.stat().st_size > 0
+
+    def _call(self, what: str, fn, spool):
+        """fn() with one short try once live (after the spool is sent); a transient failure -> spool() instead."""
+        if not self._live:
+            return _retry(fn, what)
+        if time.monotonic() < self._retry_at:
+            spool()
+            return None
+        try:
+            with _fast_http():
+                self._replay(attempts=1)
+                return _retry(fn, what, attempts=1)
+        except Exception as exc:  # noqa: BLE001 - classified
+            if not _transient(exc):
+                raise
+            if not self._retry_at:
+                log.warning("mlflow server unreachable (%s): run %s goes on, its MLflow writes wait in %s and are "
+                            "sent when the server answers (tried again every %.0f s)", _first_line(exc), self.run_id,
+                            self.spool, PROBE_S)
+            self._retry_at = time.monotonic() + PROBE_S
+            spool()
+            return None
+
+    def _append(self, *records: dict) -> None:
+        try:
+            with open(self.spool, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r, default=str) + "\n")
+                f.flush()
+        except OSError as exc:  # a full disk too: the metrics are lost, the run goes on
+            log.error("could not spool MLflow writes to %s (%s): %d record(s) lost", self.spool, exc, len(records))
+
+    def _spool_pending(self) -> None:
+        ms = [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
+        self._append(*({"metrics": ms[i:i + _METRICS_PER_BATCH]} for i in range(0, len(ms), _METRICS_PER_BATCH)))
+        self._pending.clear()
+
+    def _replay(self, attempts: int) -> None:
+        """Send the spool in order; what could not be sent stays in it (raises the error)."""
+        if not self._spooled():
+            return
+        records = [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
+        done = 0
+        try:
+            for r in records:
+                self._apply(r, attempts)
+                done += 1
+        finally:
+            rest = records[done:]
+            if not rest:
+                self.spool.unlink(missing_ok=True)
+                log.info("mlflow server answers again: %d spooled write(s) of run %s sent", done, self.run_id)
+                self._retry_at = 0.0
+            elif done:
+                from magvit2.runs import atomic_write_text
+                atomic_write_text(self.spool, "".join(json.dumps(x, default=str) + "\n" for x in rest))
+
+    def _apply(self, r: dict, attempts: int) -> None:
+        rid = self.run_id
+        if "metrics" in r:
+            ms = [Metric(k, float(v), int(ts), int(st)) for k, v, ts, st in r["metrics"]]
+            _retry(lambda: self.client.log_batch(rid, metrics=ms, synchronous=True), "log spooled metrics",
+                   attempts=attempts)
+        elif "tags" in r:
+            _set_tags(self.client, rid, r["tags"], attempts)
+        elif "dict" in r:
+            _retry(lambda: self.client.log_dict(rid, r["dict"], r["name"]), "log spooled dict", attempts=attempts)
+        elif "artifact" in r:
+            if Path(r["artifact"]).exists():
+                fn = self.client.log_artifacts if Path(r["artifact"]).is_dir() else self.client.log_artifact
+                _retry(lambda: fn(rid, r["artifact"], r.get("artifact_path")), "log spooled artifact",
+                       attempts=attempts)
+            else:
+                log.warning("spooled artifact %s is gone: not logged to run %s", r["artifact"], rid)
 
     # -- params: write-once
     def log_params(self, flat: dict[str, str]) -> None:
@@ -430,6 +559,9 @@ class MemberRun:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"metrics[{k!r}]={v!r} is not a number; log_missing(key, reason) instead") from exc
             self._pending.append(Metric(str(k), value, ts, int(step)))
+        if self._live:
+            self._call("log metrics", lambda: self._flush(attempts=1), self._spool_pending)
+            return
         try:
             self._flush()
         except Exception as exc:  # noqa: BLE001
@@ -455,7 +587,8 @@ class MemberRun:
         if not Path(path).exists():
             raise ValueError(f"log_artifact(path={str(path)!r}): no such file or folder")
         fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        _retry(lambda: fn(self.run_id, str(path), artifact_path), "log artifact")
+        self._call("log artifact", lambda: fn(self.run_id, str(path), artifact_path),
+                   lambda: self._append({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path}))
 
     def log_image(self, image, name: str) -> None:
         """PIL image, HxWxC / HxW array (uint8 or float in [0, 1]) or a CxHxW tensor -> artifact `name`."""
@@ -466,17 +599,37 @@ class MemberRun:
         _retry(lambda: self.client.log_image(self.run_id, image, artifact_file=name), "log image")
 
     def log_dict(self, d: dict, name: str) -> None:
-        _retry(lambda: self.client.log_dict(self.run_id, d, name), "log dict")
+        self._call("log dict", lambda: self.client.log_dict(self.run_id, d, name),
+                   lambda: self._append({"dict": _plain(d), "name": name}))
 
     def set_tags(self, tags: dict) -> None:
-        _set_tags(self.client, self.run_id, tags)
+        tags = {str(k): "" if v is None else str(v) for k, v in tags.items()}
+        self._call("log tags", lambda: _set_tags(self.client, self.run_id, tags, 1 if self._live else 8),
+                   lambda: self._append({"tags": tags}))
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush queued metrics (raises if the store stays unreachable) and terminate the run."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"status={status!r}: use FINISHED, FAILED or KILLED")
-        self._flush(attempts=12)
-        _retry(lambda: self.client.set_terminated(self.run_id, status), "end run")
+        if not self._live:
+            self._flush(attempts=12)
+            _retry(lambda: self.client.set_terminated(self.run_id, status), "end run")
+            return
+        # live: the spool and the status go out as soon as the server answers, waiting up to END_WAIT_S for it
+        deadline = time.monotonic() + END_WAIT_S
+        while True:
+            try:
+                with _fast_http():
+                    self._replay(attempts=1)
+                    self._flush(attempts=1)
+                    _retry(lambda: self.client.set_terminated(self.run_id, status), "end run", attempts=1)
+                return
+            except Exception as exc:  # noqa: BLE001
+                if not _transient(exc) or time.monotonic() > deadline:
+                    if self._pending:
+                        self._spool_pending()
+                    raise
+                time.sleep(min(3.0, max(0.0, deadline - time.monotonic())))
 
     def __enter__(self) -> "MemberRun":
         return self

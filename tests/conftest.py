@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,16 +31,64 @@ def train_cmd(root: Path, *overrides: str, multirun: bool = False, tiny: bool = 
     return cmd + [f"paths.root={root}", *(TINY if tiny else []), *overrides]
 
 
-def run_train(root: Path, *overrides: str, multirun: bool = False, env: dict | None = None, timeout: int = 600,
-              check: bool = True, tiny: bool = True) -> subprocess.CompletedProcess:
+def _train_env(env: dict | None) -> dict:
     e = {**os.environ, "OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "1", **(env or {})}
     if "MLFLOW_TRACKING_URI" not in (env or {}):
         e.pop("MLFLOW_TRACKING_URI", None)  # the run's own sqlite store under paths.root
-    p = subprocess.run(train_cmd(root, *overrides, multirun=multirun, tiny=tiny), cwd=root, env=e, capture_output=True,
-                       text=True, timeout=timeout)
+    return e
+
+
+def _checked(p: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise AssertionError(f"train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_train(root: Path, *overrides: str, multirun: bool = False, env: dict | None = None, timeout: int = 600,
+              check: bool = True, tiny: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(train_cmd(root, *overrides, multirun=multirun, tiny=tiny), cwd=root, env=_train_env(env),
+                       capture_output=True, text=True, timeout=timeout)
+    return _checked(p, check)
+
+
+class BackgroundTrain:
+    """`run_train` started now and collected later with finish(): independent runs of a test (a reference run and
+    the run under test) overlap, since most of a tiny run is interpreter/torch start-up. Same command and env."""
+
+    def __init__(self, root: Path, *overrides: str, multirun: bool = False, env: dict | None = None,
+                 tiny: bool = True):
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+        self.proc = subprocess.Popen(train_cmd(root, *overrides, multirun=multirun, tiny=tiny), cwd=root,
+                                     env=_train_env(env), stdout=self._out, stderr=self._err, text=True)
+
+    def finish(self, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self._out.seek(0), self._err.seek(0)
+        return _checked(subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self._out.read(),
+                                                    self._err.read()), check)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_train():
+    """start_train(root, *overrides, ...) -> BackgroundTrain; whatever is still running at teardown is killed."""
+    started: list[BackgroundTrain] = []
+
+    def start(*args, **kwargs) -> BackgroundTrain:
+        started.append(BackgroundTrain(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for b in started:
+        b.kill()
 
 
 def kill_after_first_checkpoint(root: Path, stage: str, *overrides: str) -> None:

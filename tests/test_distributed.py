@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import mlflow
 import numpy as np
@@ -23,6 +24,10 @@ NO_DROPOUT = ["model.embed_dropout=0", "model.resid_dropout=0", "model.ffn_dropo
 
 
 def _run(root, *ov, procs: int, launcher: str = "torchrun"):
+    _wait(_start(root, *ov, procs=procs, launcher=launcher))
+
+
+def _start(root, *ov, procs: int, launcher: str = "torchrun") -> subprocess.Popen:
     cmd = train_cmd(root, *ov)
     if procs > 1 and launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + cmd[1:]
@@ -31,8 +36,25 @@ def _run(root, *ov, procs: int, launcher: str = "torchrun"):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] + cmd[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nobody reads it while the other run is awaited
+    p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
+    p.log = log
+    return p
+
+
+def _wait(*procs: subprocess.Popen) -> None:
+    """Runs in separate roots are independent: started together, they overlap their start-up (1 thread each)."""
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+            if p.returncode != 0:
+                p.log.seek(0)
+                raise AssertionError(p.log.read()[-4000:])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _member_run(root, stage: str):
@@ -56,8 +78,7 @@ def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000", "quantizer.codebook_entropy=global"]
-    _run(one, *tok, procs=1)
-    _run(two, *tok, procs=2)
+    _wait(_start(one, *tok, procs=1), _start(two, *tok, procs=2))
     assert (_world_size(one, "tokenizer"), _world_size(two, "tokenizer")) == (1, 2)
     for key in ("train/loss", "train/rec_l1", "train/entropy_codebook"):
         a, b = _curve(one, "tokenizer", key), _curve(two, "tokenizer", key)
@@ -66,8 +87,8 @@ def test_two_processes_match_one(tmp_path):
 
     # AR on the same (1-process) tokenizer: copy its run dir so both sides read identical tokens
     shutil.rmtree(two / "runs"), shutil.copytree(one / "runs", two / "runs")
-    _run(one, *tok[1:], *NO_DROPOUT, procs=1)
-    _run(two, *tok[1:], *NO_DROPOUT, procs=2, launcher="accelerate")
+    _wait(_start(one, *tok[1:], *NO_DROPOUT, procs=1),
+          _start(two, *tok[1:], *NO_DROPOUT, procs=2, launcher="accelerate"))
     assert (_world_size(one, "ar"), _world_size(two, "ar")) == (1, 2)
     for key in ("train/loss", "train/loss_1", "train/loss_2"):
         a, b = _curve(one, "ar", key), _curve(two, "ar", key)

@@ -31,13 +31,19 @@ def test_save_then_load_round_trips_weights_and_rng(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(2).tolist())
     ckpt = rd.load()
     assert ckpt["step"] == 4 and ckpt["signature"] == "r" and torch.equal(ckpt["model"]["w"], w * 4)
-    assert sorted(p.name for p in rd.path.glob("rng-*")) == ["rng-0-4.pt"]  # older steps' RNG files are gone
+    # the last two checkpoints are kept (a resume falls back to the older one), each with its RNG file
+    assert sorted(p.name for p in rd.path.glob("rng-*")) == ["rng-0-2.pt", "rng-0-4.pt"]
+    assert torch.load(rd.prev_checkpoint, weights_only=True)["step"] == 2
     assert not [p for p in rd.path.iterdir() if p.name.startswith(".")]  # no temp file left behind
     from magvit2.checkpoint import set_rng_state
     set_rng_state(rd.load_rng(0, ckpt))
     assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == expected
     assert rd.read_status()["state"] == "running" and rd.read_status()["step"] == 4
     set_rng_state(rd.load_rng(3, ckpt))  # a rank without its file resumes with rank 0's state (in the checkpoint)
+    rd.save(6, {"model": {"w": w * 6}})
+    assert sorted(p.name for p in rd.path.glob("rng-*")) == ["rng-0-4.pt", "rng-0-6.pt"]  # older steps' go
+    rd.prune(0)  # a finished run keeps its final checkpoint alone
+    assert sorted(p.name for p in rd.path.glob("rng-*")) == ["rng-0-6.pt"] and not rd.prev_checkpoint.exists()
 
 
 def test_load_refuses_code(tmp_path):

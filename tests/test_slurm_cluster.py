@@ -110,14 +110,14 @@ def test_submitit_runs_one_result_per_rank(slurm_cluster, tmp_path):
     assert sorted(job.results()) == [(0, 2, "debug"), (1, 2, "debug")]
 
 
-@pytest.mark.slow  # ~12 s: slurmctld holds a requeued job for cred_expire + 1 s
+@pytest.mark.slow  # ~7 s: slurmctld holds a requeued job for cred_expire + 1 s
 def test_requeue_restarts_a_running_batch_job(slurm_cluster, tmp_path):
     starts = tmp_path / "starts.txt"
     script = f"#!/bin/bash\n#SBATCH --requeue\necho \"restart=$SLURM_RESTART_COUNT\" >> {starts}\nsleep 300\n"
     job = sbatch(slurm_cluster, script, "-o", str(tmp_path / "o"), "--mem", "100M")
     wait_for(lambda: starts.exists() and starts.read_text(), 15, "the first start")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    # slurmctld holds a requeued job for AuthInfo cred_expire + 1 s (10 + 1 here) before it may start again.
+    # slurmctld holds a requeued job for AuthInfo cred_expire + 1 s (5 + 1 with .ci/slurm.sh) before it may start again.
     wait_for(lambda: len(starts.read_text().splitlines()) >= 2, 40, "the restart after scontrol requeue")
     assert starts.read_text().splitlines() == ["restart=", "restart=1"]
     assert job_field(job, "Restarts") == "1"

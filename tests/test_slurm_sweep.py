@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,13 +17,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import assert_same_weights, load_ckpt, run_train, train_cmd
+from conftest import BackgroundTrain, assert_same_weights, load_ckpt, run_train, train_cmd
 from test_distributed import _curve
 from test_slurm_cluster import slurm_cluster  # noqa: F401  (starts the cluster)
 
 pytestmark = pytest.mark.slurm
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.timeout_min=15", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_gb=2"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # members of 1 CPU each (--export=ALL); 2 threads each would oversubscribe
 
 
 def _status(root: Path, stage: str) -> list[dict]:
@@ -30,7 +32,7 @@ def _status(root: Path, stage: str) -> list[dict]:
 
 
 def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
-    p = run_train(root, "factorization=k6_12,k9_9", "model.n_intra=0,1", *SLURM, multirun=True)
+    p = run_train(root, "factorization=k6_12,k9_9", "model.n_intra=0,1", *SLURM, multirun=True, env=ONE_THREAD)
     st = _status(root, "ar")
     assert len(st) == 4 and all(s["state"] == "finished" and s["step"] == 6 for s in st)
     assert all(s.get("slurm_job_id") for s in st)
@@ -52,7 +54,7 @@ def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
     assert client.get_run(parent).info.status == "FINISHED"
 
     jobs_before = json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["jobs"]
-    p2 = run_train(root, "factorization=k6_12,k9_9", "model.n_intra=0,1", *SLURM, multirun=True)
+    p2 = run_train(root, "factorization=k6_12,k9_9", "model.n_intra=0,1", *SLURM, multirun=True, env=ONE_THREAD)
     assert "4 of 4 members already finished" in p2.stderr + p2.stdout
     assert "submitted job" not in p2.stderr + p2.stdout  # the launcher logs every job it submits
     assert json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())["jobs"] == jobs_before
@@ -79,7 +81,7 @@ def _kill_job_step(job: str) -> None:
 def test_detached_sweep_status_reconnects_and_resubmits_only_dead_members(root):
     long = ["stage=tokenizer", "quantizer=lfq,vq", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=4",
             *SLURM, "hydra.launcher.detach=true"]
-    p = run_train(root, *long, multirun=True)
+    p = run_train(root, *long, multirun=True, env=ONE_THREAD)
     out = p.stdout + p.stderr
     assert "submitted, not waiting" in out and "reconnect with: python -m magvit2.sweep status" in out, out[-3000:]
     (sweep_dir,) = (root / "sweeps").iterdir()
@@ -105,11 +107,11 @@ def test_detached_sweep_status_reconnects_and_resubmits_only_dead_members(root):
     assert rows == {"lfq": "stopped", "vq": "died"}, s
 
     # resubmitting runs exactly those two again; submitting once more while they run submits nothing
-    p = run_train(root, *long, multirun=True)
+    p = run_train(root, *long, multirun=True, env=ONE_THREAD)
     assert (p.stdout + p.stderr).count("submitted job") == 2
     jobs2 = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
     assert set(jobs2.values()).isdisjoint(job.values())
-    p = run_train(root, *long, multirun=True)
+    p = run_train(root, *long, multirun=True, env=ONE_THREAD)
     assert "submitted job" not in p.stdout + p.stderr
     assert "2 members still queued or running as their earlier jobs" in p.stdout + p.stderr
 
@@ -132,52 +134,70 @@ def test_two_task_member_is_one_process_group_and_resumes_exactly(tmp_path):
     """tasks_per_node=2: submitit's env export + accelerate make one gloo group. USR2 mid-run reaches both ranks:
     both checkpoint at the same step boundary, rank 0 requeues, both resume; the result is bit for bit that of an
     uninterrupted 2-process torchrun (test_distributed shows 2 processes follow the 1-process curve)."""
-    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000", "trainer.tokenizer.steps=30",
-           "trainer.tokenizer.ckpt_every=3"]
+    tok = ["stage=tokenizer", "tokenizer.loss.disc_start=1000", "trainer.tokenizer.steps=15",
+           "trainer.tokenizer.ckpt_every=3"]  # USR2 after the step-3 checkpoint: 12 steps of margin
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # --export=ALL passes it on; other counts sum differently
     one_thread.pop("MLFLOW_TRACKING_URI", None)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run(torchrun + train_cmd(one, *tok)[1:], cwd=one, env=one_thread, check=True, capture_output=True)
+    ref_log = tempfile.TemporaryFile("w+")  # the reference trains alongside the SLURM member (separate roots)
+    ref = subprocess.Popen(torchrun + train_cmd(one, *tok)[1:], cwd=one, env=one_thread, stdout=ref_log,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        proc = subprocess.Popen(train_cmd(two, *tok, *SLURM, "hydra.launcher.tasks_per_node=2", multirun=True),
+                                cwd=two, env=one_thread, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((two / "runs" / "tokenizer").glob("*/checkpoint.pt")):
+            time.sleep(0.2)
+        (st,) = _status(two, "tokenizer")
+        assert st["state"] == "running", st
+        subprocess.run(["scancel", "--signal=USR2", st["slurm_job_id"]], check=True)
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-4000:]
+        ref.wait(timeout=400)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
+    ref_log.seek(0)
+    assert ref.returncode == 0, ref_log.read()[-4000:]
 
-    proc = subprocess.Popen(train_cmd(two, *tok, *SLURM, "hydra.launcher.tasks_per_node=2", multirun=True),
-                            cwd=two, env=one_thread, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((two / "runs" / "tokenizer").glob("*/checkpoint.pt")):
-        time.sleep(0.2)
     (st,) = _status(two, "tokenizer")
-    assert st["state"] == "running", st
-    subprocess.run(["scancel", "--signal=USR2", st["slurm_job_id"]], check=True)
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out[-4000:]
-
-    (st,) = _status(two, "tokenizer")
-    assert st["state"] == "finished" and st["step"] == 30 and st["world_size"] == 2, st
+    assert st["state"] == "finished" and st["step"] == 15 and st["world_size"] == 2, st
     logs = "".join(p.read_text() for p in (two / "submitit").rglob("*_log.*"))
     assert "global_rank=0(2)" in logs and "global_rank=1(2)" in logs
     assert logs.count("caught SIGUSR2") == 2 and "this job is preempted" in logs and "resuming tokenizer" in logs
     (rd,) = [d for d in (two / "runs" / "tokenizer").iterdir() if d.is_dir()]
-    assert sorted(f.name for f in rd.glob("rng-*")) == ["rng-0-30.pt", "rng-1-30.pt"]
+    assert sorted(f.name for f in rd.glob("rng-*")) == ["rng-0-15.pt", "rng-1-15.pt"]
     (ref_rd,) = [d for d in (one / "runs" / "tokenizer").iterdir() if d.is_dir()]
     ref, got = load_ckpt(ref_rd), load_ckpt(rd)
     for k in ("model", "disc"):
         assert_same_weights(ref[k], got[k])
     for key in ("train/loss", "train/rec_l1", "train/entropy_codebook"):
         a, b = _curve(one, "tokenizer", key), _curve(two, "tokenizer", key)
-        assert len(a) == len(b) == 30 and a == b, key
+        assert len(a) == len(b) == 15 and a == b, key
 
 
-LONG = ["stage=tokenizer", "trainer.tokenizer.steps=40", "trainer.tokenizer.ckpt_every=5"]
+LONG = ["stage=tokenizer", "trainer.tokenizer.steps=20", "trainer.tokenizer.ckpt_every=5"]  # signal after step 5
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """The reference checkpoint of an uninterrupted local run, shared by both preemption tests."""
+def uninterrupted(tmp_path_factory):
+    """The reference checkpoint of an uninterrupted local run, shared by both preemption tests: it trains in the
+    background, alongside the first test's SLURM member, until a test asks for it (call the fixture's value)."""
     ref_root = tmp_path_factory.mktemp("ref")
-    run_train(ref_root, *LONG)
-    (ref_dir,) = [d for d in (ref_root / "runs" / "tokenizer").iterdir() if d.is_dir()]
-    return load_ckpt(ref_dir)
+    run, ckpt = BackgroundTrain(ref_root, *LONG), {}
+
+    def get() -> dict:
+        if not ckpt:
+            run.finish()
+            (ref_dir,) = [d for d in (ref_root / "runs" / "tokenizer").iterdir() if d.is_dir()]
+            ckpt.update(load_ckpt(ref_dir))
+        return ckpt
+
+    yield get
+    run.kill()
 
 
 @pytest.mark.slow
@@ -185,7 +205,7 @@ def uninterrupted(tmp_path_factory) -> dict:
 def test_preempted_member_resumes_with_uninterrupted_result(tmp_path, how, uninterrupted):
     """scontrol-requeue: SLURM sends SIGTERM and requeues. usr2: the signal submitit asks SLURM to send before the
     time limit; our checkpoint, then submitit's handler (launcher checkpoint(), scontrol requeue)."""
-    long, ref, root = LONG, uninterrupted, tmp_path
+    long, root = LONG, tmp_path
 
     proc = subprocess.Popen(train_cmd(root, *long, "quantizer=lfq", *SLURM, multirun=True), cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -202,9 +222,10 @@ def test_preempted_member_resumes_with_uninterrupted_result(tmp_path, how, unint
         subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM now, the job runs again later
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-4000:]
+    ref = uninterrupted()
     got = load_ckpt(rd)
     st = json.loads((rd / "status.json").read_text())
-    assert st["state"] == "finished" and got["step"] == 40
+    assert st["state"] == "finished" and got["step"] == 20
     for k in ("model", "disc", "lecam"):
         assert_same_weights(ref[k], got[k])
     logs = "".join(p.read_text() for p in (root / "submitit").rglob("*_log.*"))

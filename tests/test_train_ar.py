@@ -46,7 +46,7 @@ def test_detach_with_the_local_launcher_is_refused(root):
 
 
 @pytest.mark.slow
-def test_headline_sweep_with_tiny_models_end_to_end(root):
+def test_headline_sweep_with_tiny_models_end_to_end(root, start_train):
     p = run_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)
     ar = sorted((root / "runs" / "ar").glob("*/status.json"))
     assert len(ar) == 2 and all(json.loads(f.read_text())["state"] == "finished" for f in ar)
@@ -72,40 +72,35 @@ def test_headline_sweep_with_tiny_models_end_to_end(root):
         assert {"train/loss_1", "train/loss_2", "train/acc_1", "train/tokens_per_s", "val/loss"} <= set(r.data.metrics)
         assert "magvit2.missing.eval/fid" in r.data.tags  # no Inception weights offline: missing, not faked
 
-    # the same sweep again trains nothing and reports the stored results
-    t0 = time.time()
-    p2 = run_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)
+    # the same sweep again trains nothing and reports the stored results; meanwhile (reads only), the sampling CLI
+    again = start_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)
+    rd = ar[0].parent
+    samplers = [subprocess.Popen([sys.executable, "-m", "magvit2.sample", str(rd), "--per-class", "3", "--classes", "1",
+                                  "2", "--seed", "7", "--out", str(root / f"s{k}")], cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k in range(2)]
+    p2 = again.finish()
     assert p2.stdout.count("finished") >= 2 and "already finished" in p2.stderr + p2.stdout
     assert len(client.search_runs([exp.experiment_id])) == 3  # no new member runs
     assert [json.loads(f.read_text())["updated"] for f in ar] == \
         [json.loads(f.read_text())["updated"] for f in sorted((root / "runs" / "ar").glob("*/status.json"))]
 
     # sampling CLI on a finished run, reproducible for a seed
-    rd = ar[0].parent
     outs = []
-    for k in range(2):
-        out = root / f"s{k}"
-        q = subprocess.run([sys.executable, "-m", "magvit2.sample", str(rd), "--per-class", "3", "--classes", "1", "2",
-                            "--seed", "7", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
-        assert q.returncode == 0, q.stderr[-3000:]
-        outs.append(np.load(out / "samples.npz")["arr_0"])
+    for k, q in enumerate(samplers):
+        _, err = q.communicate(timeout=300)
+        assert q.returncode == 0, err[-3000:]
+        outs.append(np.load(root / f"s{k}" / "samples.npz")["arr_0"])
     assert outs[0].shape == (6, 16, 16, 3) and np.array_equal(outs[0], outs[1])
 
 
 @pytest.mark.slow
-def test_ar_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_ar_kill_and_resume_matches_uninterrupted(tmp_path, start_train):
     # tokens=online (the original's): each step encodes its own crops; 16 images of batch 8 -> a new epoch (other
     # crops) every 2 steps, so the resumed run must re-draw the crops of the epochs it re-enters
     online = ["tokens=online", "data.train_size=16"]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    run_train(a, *online)
-    (ref_dir,) = [d for d in (a / "runs" / "ar").iterdir() if d.is_dir()]
-    ref = load_ckpt(ref_dir)
-    run = mlflow.MlflowClient(f"sqlite:///{a}/mlflow.db").get_run(json.loads((ref_dir / "status.json").read_text())
-                                                                   ["mlflow_run_id"])
-    assert run.data.params["derived.tokens"] == "online" and run.data.params["tokens.name"] == "online"
-    assert not list((a / "cache").rglob("train-*.npz"))  # no train token cache: encoded at every step
+    uninterrupted = start_train(a, *online)  # a: the reference, alongside b (separate roots; start-up dominates)
     # b: kill during AR training (after its first checkpoint), start again
     proc = subprocess.Popen(train_cmd(b, *online), cwd=b, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -117,6 +112,13 @@ def test_ar_kill_and_resume_matches_uninterrupted(tmp_path):
     (rd,) = [d for d in (b / "runs" / "ar").iterdir() if d.is_dir()]
     assert load_ckpt(rd)["step"] < 6
     run_train(b, *online)
+    uninterrupted.finish()
+    (ref_dir,) = [d for d in (a / "runs" / "ar").iterdir() if d.is_dir()]
+    ref = load_ckpt(ref_dir)
+    run = mlflow.MlflowClient(f"sqlite:///{a}/mlflow.db").get_run(json.loads((ref_dir / "status.json").read_text())
+                                                                   ["mlflow_run_id"])
+    assert run.data.params["derived.tokens"] == "online" and run.data.params["tokens.name"] == "online"
+    assert not list((a / "cache").rglob("train-*.npz"))  # no train token cache: encoded at every step
     got = load_ckpt(rd)
     assert got["step"] == 6
     assert_same_weights(ref["model"], got["model"])

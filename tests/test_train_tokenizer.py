@@ -84,14 +84,12 @@ def _tok_run_dir(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
+def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path, start_train):
     # 8 images of batch 4: a new epoch (new crops, data.crops=per_epoch) every 2 steps, also right after the resume
     tok = ["stage=tokenizer", "data.train_size=8"]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    run_train(a, *tok)
-    ref = load_ckpt(_tok_run_dir(a))
-    assert ref["step"] == 6
+    uninterrupted = start_train(a, *tok)  # a: the reference, alongside b (separate roots; start-up dominates)
 
     # b: SIGKILL (no chance to clean up) once the first checkpoint is on disk, then start again
     kill_after_first_checkpoint(b, "tokenizer", *tok)
@@ -104,6 +102,9 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path):
         db.execute("DELETE FROM params WHERE run_uuid = ?", (first_run,))
     p = run_train(b, *tok)
     assert f"resuming tokenizer" in p.stderr + p.stdout
+    uninterrupted.finish()
+    ref = load_ckpt(_tok_run_dir(a))
+    assert ref["step"] == 6
     got = load_ckpt(rd)
     assert got["step"] == 6
     assert [f.name for f in rd.glob("rng-*")] == ["rng-0-6.pt"]  # older steps' RNG files are gone

@@ -8,6 +8,7 @@ are deterministic (center / fixed grid) and ignore the epoch.
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -20,6 +21,19 @@ from torchvision.transforms import functional as TF
 from magvit2.config import ConfigError
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+log = logging.getLogger("magvit2")
+
+
+class BadImage(ConfigError):
+    """An image file that cannot be read, named in the message. Raised in a DataLoader worker, torch re-raises it
+    in the main process as BadImage("Caught BadImage in DataLoader worker process 0.\nOriginal Traceback ...");
+    the constructor takes the original message back out of that, so `error: ...` stays one line naming the file."""
+
+    def __init__(self, msg: str = ""):
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if isinstance(msg, str) and msg.startswith("Caught ") and marker in msg:
+            msg = msg.rsplit(marker, 1)[1].strip()
+        super().__init__(msg)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -106,14 +120,15 @@ def open_rgb(path) -> Image.Image:
         img = Image.open(path)
         img.load()
     except Exception as e:  # truncated, garbage, unsupported format
-        raise ConfigError(f"image {path} cannot be read ({type(e).__name__}: {e}): remove or replace it") from e
+        raise BadImage(f"image {path} cannot be read ({type(e).__name__}: {e}): remove or replace it, or set "
+                       f"data.on_bad_image=skip") from e
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(img).astype(np.int64)
         if a.min() < 0 or a.max() > 65535:
-            raise ConfigError(f"image {path}: mode {img.mode} with values outside 16 bits; convert it to 8-bit RGB")
+            raise BadImage(f"image {path}: mode {img.mode} with values outside 16 bits; convert it to 8-bit RGB")
         img = Image.fromarray((a / 257.0).round().astype(np.uint8), "L")
     elif img.mode not in _RGB_MODES:
-        raise ConfigError(f"image {path}: mode {img.mode} has no faithful 8-bit RGB form; convert it to RGB")
+        raise BadImage(f"image {path}: mode {img.mode} has no faithful 8-bit RGB form; convert it to RGB")
     return img.convert("RGB")
 
 
@@ -141,8 +156,11 @@ class ImageFolder(Dataset):
     """<path>/train|val/<class>/*; without val/, a deterministic split of <path>/<class>/* by file order."""
 
     def __init__(self, path: str, resolution: int, split: str, val_fraction: float = 0.02, val_size=None,
-                 seed: int = 0, crops: str = "per_epoch", resize: str = "bilinear"):
+                 seed: int = 0, crops: str = "per_epoch", resize: str = "bilinear", on_bad_image: str = "error"):
         crop_rng(crops, seed, 0, 0)  # checks the setting
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image={on_bad_image!r}: use error (stop at an unreadable image, naming "
+                              f"it; the default) or skip (replace it by the next readable image, counted)")
         resize_short(Image.new("RGB", (2, 2)), 1, resize)  # checks the setting
         root = Path(path)
         if not root.is_dir():
@@ -162,16 +180,47 @@ class ImageFolder(Dataset):
         if split == "val" and val_size:
             items = items[:: max(1, len(items) // int(val_size))][: int(val_size)]
         self.items, self.classes, self.res, self.split, self.seed = items, classes, resolution, split, seed
-        self.crops, self.resize = crops, resize
+        self.crops, self.resize, self.on_bad_image = crops, resize, on_bad_image
         self.num_classes = len(classes)
+        # skip: one byte per image, 1 = found unreadable; shared memory, so DataLoader workers' finds add up here
+        self.bad = torch.zeros(len(items) if on_bad_image == "skip" else 0, dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.items)
 
+    def skipped(self) -> list[str]:
+        """The files found unreadable so far (in this process and its DataLoader workers) and replaced (skip)."""
+        return [self.items[i][0] for i in self.bad.nonzero().flatten().tolist()]
+
+    def _readable(self, i: int):
+        """(image, label) of item i; skip: of the first readable item from i on in folder order (cyclic), so a bad
+        image is always replaced by the same one. Each bad file is warned about once per process."""
+        n = len(self.items)
+        for j in [i] + ([(i + d) % n for d in range(1, n)] if self.on_bad_image == "skip" else []):
+            p, c = self.items[j]
+            if self.on_bad_image == "skip" and self.bad[j]:
+                if p not in _WARNED:  # found by another worker
+                    _WARNED.add(p)
+                    log.warning(f"data.on_bad_image=skip: skipping unreadable image {p}")
+                continue
+            try:
+                return open_rgb(p), c
+            except BadImage as e:
+                if self.on_bad_image != "skip":
+                    raise
+                self.bad[j] = 1
+                if p not in _WARNED:
+                    _WARNED.add(p)
+                    why = f"{type(e.__cause__).__name__}: {e.__cause__}" if e.__cause__ else str(e)
+                    log.warning(f"data.on_bad_image=skip: skipping unreadable image {p} ({why}); the next readable "
+                                f"image in folder order takes its place")
+        raise BadImage(f"data.path: none of the {n} images of the {self.split} split can be read (e.g. "
+                       f"{self.items[i][0]}); check the folder")
+
     def __getitem__(self, key):
         epoch, i = split_key(key)
-        p, c = self.items[i]
-        img = resize_short(open_rgb(p), self.res, self.resize)
+        img, c = self._readable(i)
+        img = resize_short(img, self.res, self.resize)
         w, h = img.size
         if self.split == "train":
             rng = crop_rng(self.crops, self.seed, epoch, i)
@@ -179,3 +228,13 @@ class ImageFolder(Dataset):
         else:  # torchvision's CenterCrop offsets (the original's val transform)
             x, y = int(round((w - self.res) / 2.0)), int(round((h - self.res) / 2.0))
         return to_tensor(img.crop((x, y, x + self.res, y + self.res))), c
+
+
+_WARNED: set[str] = set()  # bad files this process has warned about
+
+
+def skipped_images(ds) -> dict:
+    """{"data/skipped_images": count} for an image folder in skip mode (a metric the stages log), else {}."""
+    if isinstance(ds, ImageFolder) and ds.on_bad_image == "skip":
+        return {"data/skipped_images": float(ds.bad.sum())}
+    return {}

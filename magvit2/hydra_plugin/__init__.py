@@ -8,16 +8,18 @@ class Magvit2Sweeper(_s.Magvit2Sweeper):
     pass
 
 
-class SlurmLauncher(_l.SlurmLauncher):
+# Named apart from hydra-submitit-launcher's own SlurmLauncher/LocalLauncher (which Hydra's scan registers too):
+# under the same class names `--info` listed "SlurmLauncher, LocalLauncher" twice.
+class Magvit2SlurmLauncher(_l.SlurmLauncher):
     pass
 
 
-class LocalLauncher(_l.LocalLauncher):
+class Magvit2LocalLauncher(_l.LocalLauncher):
     pass
 
 
 def register() -> None:
     """Editable installs hide mapped packages from Hydra's plugin scan: register the classes explicitly."""
     from hydra.core.plugins import Plugins
-    for cls in (Magvit2Sweeper, SlurmLauncher, LocalLauncher):
+    for cls in (Magvit2Sweeper, Magvit2SlurmLauncher, Magvit2LocalLauncher):
         Plugins.instance().register(cls)

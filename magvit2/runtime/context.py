@@ -35,10 +35,20 @@ class RunContext:
     signature = property(lambda self: self.run.signature)
 
     def acquire(self) -> dict | None:
-        """Lock the run dir (waiting if another process trains it). Returns its status if it already finished."""
-        if self.is_main:
-            self.run.path.mkdir(parents=True, exist_ok=True)
+        """Lock the run dir (waiting if another process trains it). Returns its status if it already finished.
+        A finished run is read without the lock (finished is final), so it is found on a read-only file system too;
+        a read-only root otherwise raises StorageError naming paths.root."""
+        if self.is_main and not self.run.finished():
+            try:
+                self.run.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                from magvit2.runs import storage_error
+                err = storage_error(e, self.run.path)
+                if err is e:
+                    raise
+                raise err from e
             self._lock = self.run.lock().__enter__()
+            self.run.clean_tmp()  # the lock is ours: temp files here are of writers that died
         self.acc.wait_for_everyone()
         done = self.run.finished()
         if done:
@@ -50,7 +60,10 @@ class RunContext:
         if str(os.environ.get("MLFLOW_TRACKING_URI") or self.cfg.tracking.uri or "").startswith("http"):
             from magvit2 import tracking  # every rank: a refused server stops all ranks at once, not rank 0 alone
             tracking.check_server(tracking.tracking_uri(str(self.cfg.paths.root), self.cfg.tracking.uri))
-        ckpt = self.run.load() if self.run.checkpoint.exists() else None
+        ckpt = self.run.load_resume()  # checkpoint.pt, else checkpoint.prev.pt when the newest does not load
+        self.acc.wait_for_everyone()  # every rank has loaded before the unreadable file is set aside
+        if self.is_main:
+            self.run.set_aside_unreadable()
         dist.seed_everything(int(self.cfg.seed) + self.acc.process_index)  # model init, before any resume
         if self.is_main:
             from magvit2.runtime.tracker import open_member_run
@@ -126,6 +139,7 @@ class RunContext:
         return logged
 
     def finish(self, step: int, results: dict) -> dict:
+        self.run.prune(self.acc.process_index)  # the final checkpoint alone: no fallback needed any more
         if self.is_main:
             clean = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             self.run.write_status(state="finished", step=step, metrics=clean)
@@ -140,22 +154,44 @@ class RunContext:
         return {"run_dir": str(self.run_dir), "signature": self.signature, **results}
 
     def fail(self, err: BaseException) -> None:
-        if self.is_main:
-            diverged = isinstance(err, Diverged)
-            self.run.write_status(state="diverged" if diverged else "failed", error=f"{type(err).__name__}: {err}")
-            if diverged and self.tracker is not None:
-                from magvit2 import tracking
-                self.tracker.set_tags({tracking.RUN_STATE: "diverged"})
-            self.close("FAILED")
-        self.preempt.uninstall()
+        """Status and MLflow run set to failed (diverged) as far as possible: a full disk or a dead server must not
+        hide `err`, the error the caller re-raises."""
+        try:
+            if self.is_main:
+                diverged = isinstance(err, Diverged)
+                try:
+                    self.run.write_status(state="diverged" if diverged else "failed",
+                                          error=f"{type(err).__name__}: {err}")
+                except Exception as e:  # noqa: BLE001 - e.g. the disk is still full
+                    log.warning(f"could not record the failure in {self.run.status}: {e}")
+                if diverged and self.tracker is not None:
+                    from magvit2 import tracking
+                    try:
+                        self.tracker.set_tags({tracking.RUN_STATE: "diverged"})
+                    except Exception as e:  # noqa: BLE001
+                        log.warning(f"could not tag the MLflow run diverged: {e}")
+                self.close("FAILED")
+            else:
+                self.run.clean_tmp_of_this_process()
+        finally:
+            self.preempt.uninstall()
 
     def close(self, status: str) -> None:
-        if self.tracker is not None:
-            self.tracker.end(status)
-            self.tracker = None
-        if self._lock is not None:
-            self._lock.__exit__(None, None, None)
-            self._lock = None
+        try:
+            if self.tracker is not None:
+                try:
+                    self.tracker.end(status)
+                except Exception as e:  # noqa: BLE001 - the run's files are the record; MLflow is its mirror
+                    log.warning(f"MLflow run {self.tracker.run_id} could not be ended {status}: {e}"
+                                + (f"; its unsent writes are kept in {self.run.spool}" if self.run.spool.exists()
+                                   else ""))
+                self.tracker = None
+        finally:
+            if self._lock is not None:
+                if self.is_main:
+                    self.run.clean_tmp_of_this_process()
+                self._lock.__exit__(None, None, None)
+                self._lock = None
 
     def progress(self, start: int, total: int, desc: str):
         from tqdm.auto import tqdm

@@ -27,13 +27,19 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, cfg.tracking.uri))
     tracker = tracking.MemberRun(f"{cfg.tracking.experiment_prefix}-{stage}", root, stage, run.signature,
                                  _run_name(cfg, stage), tags, sweep, run_id=run_id)
-    # Also on resume: MemberRun adds only params not logged yet (write-once), so a run that died between run
-    # creation and its params still gets them, and one that logged them is left as it was.
-    params = tracking.flatten(C.to_dict(cfg))
-    params.update({f"choice.{k}": v for k, v in C.choices(cfg).items()})
-    tracker.log_params(params)
-    tracker.log_dict(C.to_dict(cfg), "config.yaml")  # same signature -> same config: rewriting is harmless
-    tracker.set_tags(tags)
+    try:
+        # Also on resume: MemberRun adds only params not logged yet (write-once), so a run that died between run
+        # creation and its params still gets them, and one that logged them is left as it was.
+        params = tracking.flatten(C.to_dict(cfg))
+        params.update({f"choice.{k}": v for k, v in C.choices(cfg).items()})
+        tracker.log_params(params)
+        tracker.log_dict(C.to_dict(cfg), "config.yaml")  # same signature -> same config: rewriting is harmless
+        tracker.set_tags(tags)
+    except BaseException:  # a failed opening leaves no RUNNING MLflow run behind
+        tracker._abandon()
+        raise
+    # from here on a dead server never holds the loop up: writes wait in the run dir's spool (metrics.jsonl)
+    tracker.go_live(run.spool)
     return tracker
 
 

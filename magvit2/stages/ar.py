@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from magvit2 import tracking
 from magvit2.data import tokens as T
+from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.build import build_ar, build_token_dataset
 from magvit2.models.ar import subtoken_loss
@@ -124,6 +125,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
                  "train/lr": sched.get_last_lr()[0]}
             out = {k: float(acc.reduce(v.float(), "mean")) if torch.is_tensor(v) else float(v) for k, v in m.items()}
             out["train/tokens_per_s"] = seen * acc.num_processes / max(dt, 1e-9)
+            out.update(skipped_images(train_ds))  # data.on_bad_image=skip (tokens=online): images replaced so far
             tic, seen = time.perf_counter(), 0
             return out
         last = ctx.end_step(step1, bar, metrics, lambda: val_loss(raw, val_ds, acc), payload,

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from magvit2 import metrics as M
 from magvit2.build import build_dataset, build_discriminator, build_tokenizer
+from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.models.discriminator import generator_adv_loss, hinge_d_loss
 from magvit2.models.ema import EMA
@@ -133,6 +134,7 @@ def _train(cfg, ctx: RunContext) -> dict:
                  **{f"train/{k}": v for k, v in q.stats.items()}}
             if gan_on:
                 m.update({"train/d_loss": d_hinge, "train/lecam": reg})
+            m.update(skipped_images(train_ds))  # data.on_bad_image=skip: unreadable images replaced so far
             return {k: float(acc.reduce(v.detach().float(), "mean")) if torch.is_tensor(v) else float(v)
                     for k, v in m.items()}
         last = ctx.end_step(step1, bar, metrics, lambda: evaluate(cfg, ctx, raw, ema, lpips_model, save_images=False),

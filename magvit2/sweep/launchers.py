@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SlurmConf(SlurmQueueConf):
-    _target_: str = "hydra_plugins.magvit2.SlurmLauncher"
+    _target_: str = "hydra_plugins.magvit2.Magvit2SlurmLauncher"
     submitit_folder: str = "${paths.root}/submitit/%j"
     partition: Optional[str] = None
     timeout_min: int = 24 * 60
@@ -42,7 +42,7 @@ class SlurmConf(SlurmQueueConf):
 
 @dataclass
 class LocalConf(LocalQueueConf):
-    _target_: str = "hydra_plugins.magvit2.LocalLauncher"
+    _target_: str = "hydra_plugins.magvit2.Magvit2LocalLauncher"
     submitit_folder: str = "${paths.root}/submitit/%j"
     timeout_min: int = 24 * 60
     detach: bool = False                  # refused: local jobs are children of the submitting process

@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     st.add_argument("sweep", help="sweep id (or a unique prefix) or sweep dir")
     st.add_argument("--root", type=Path, default=Path(os.environ.get("MAGVIT2_ROOT", "outputs")))
     st.add_argument("--wait", action="store_true", help="poll until every member finished or failed")
-    st.add_argument("--interval", type=float, default=30.0, help="seconds between polls with --wait")
+    st.add_argument("--interval", type=float, default=float(os.environ.get("MAGVIT2_POLL_S", 30)),
+                    help="seconds between polls with --wait (default: $MAGVIT2_POLL_S or 30)")
     st.add_argument("--tail", type=int, default=0, help="print the last N lines of a member's log")
     st.add_argument("--member", type=int, default=0, help="which member (# in the table) --tail reads")
     a = ap.parse_args(argv)
