@@ -177,6 +177,8 @@ def _check(cmd: str, out: str, cwd: Path, fill: dict, env: dict) -> None:
         assert m and "submitted, not waiting" in out, out[-3000:]
         assert f"--root {cwd / 'outputs'}" in out  # the default root: the README's status commands need no --root
         fill["<sweep id>"] = m.group(1)
+    if cmd.startswith("python -m magvit2.sweep list"):
+        assert fill["<sweep id>"] in out and "ended" in out, out[-2000:]
     if cmd.startswith("python -m magvit2.sweep status") and "--wait" in cmd:
         assert "finished: 2" in out and "sweep ended: MLflow parent run FINISHED" in out, out[-3000:]
         import mlflow

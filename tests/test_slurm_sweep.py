@@ -120,13 +120,38 @@ def test_detached_sweep_status_reconnects_and_resubmits_only_dead_members(root):
     assert "finished: 2" in s.stdout and "sweep ended: MLflow parent run FINISHED" in s.stdout
     assert client.get_run(doc["parent_run_id"]).info.status == "FINISHED"
     assert all(jid in s.stdout for jid in jobs2.values())
-    tail = s.stdout.split("(last 5 lines)")[1].strip().splitlines()
-    assert len(tail) == 5, s.stdout[-2000:]  # the end of member #1's job log
+    # the end of member #1's own job logs (stdout, then stderr with the progress bar), not another task's
+    parts = [p for p in s.stdout.split("\n--- ")[1:] if "(last 5 lines)" in p.splitlines()[0]]
+    own = f"/submitit/{jobs2[doc['members'][1]['run_dir']]}/"
+    assert len(parts) == 2 and all(own in p.splitlines()[0] for p in parts), s.stdout[-2000:]
+    assert [p.splitlines()[0].rsplit(".", 1)[1].split()[0] for p in parts] == ["out", "err"]
+    assert all(len(p.strip().splitlines()[1:]) == 5 for p in parts), s.stdout[-2000:]
     for d in rd.values():  # both resumed their checkpoints and ended in their first MLflow run
         st = json.loads((d / "status.json").read_text())
         assert st["state"] == "finished" and st["step"] == 40
         assert client.get_run(st["mlflow_run_id"]).data.tags["magvit2.n_resumes"] == "1"
     assert _sweep_status(root, "nosuchsweep").returncode != 0
+    ls = subprocess.run([sys.executable, "-m", "magvit2.sweep", "list", "--root", str(root)], capture_output=True,
+                        text=True, timeout=120)
+    assert ls.returncode == 0 and sweep_dir.name in ls.stdout and "ended" in ls.stdout and "finished: 2" in ls.stdout
+
+
+def test_sweep_cancel_scancels_unfinished_members_and_kills_the_parent_run(root):
+    long = ["stage=tokenizer", "trainer.tokenizer.steps=2000", *SLURM, "hydra.launcher.detach=true"]
+    run_train(root, *long, multirun=True, env=ONE_THREAD)
+    (sweep_dir,) = (root / "sweeps").iterdir()
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    (job,) = doc["jobs"].values()
+    c = subprocess.run([sys.executable, "-m", "magvit2.sweep", "cancel", sweep_dir.name[:6], "--root", str(root)],
+                       capture_output=True, text=True, timeout=120)
+    assert c.returncode == 0 and f"cancelled 1 job(s): {job}" in c.stdout, c.stdout + c.stderr
+    deadline = time.time() + 60
+    while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job.split("_")[0]], capture_output=True,
+                                                     text=True).stdout.strip():
+        time.sleep(0.5)
+    assert not subprocess.run(["squeue", "-h", "-j", job.split("_")[0]], capture_output=True, text=True).stdout.strip()
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    assert client.get_run(doc["parent_run_id"]).info.status == "KILLED"
 
 
 @pytest.mark.slow

@@ -82,3 +82,36 @@ def test_status_closes_the_parent_run_once_every_member_ended(tmp_path, monkeypa
     rows = [{"state": s} for s in states]
     assert sweep_cli.close_parent_run(d, rows) == closed
     assert client.get_run(parent).info.status == (closed or "RUNNING")
+
+
+def test_sweep_id_comes_from_the_members_not_the_spelling(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    def sweep_id(*ov):
+        p = subprocess.run([sys.executable, "-m", "magvit2.train", "-m", f"paths.root={tmp_path}", "dry_run=true",
+                            *ov], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return re.search(r"sweep (\w+): 2 members", p.stdout).group(1)
+    a = sweep_id("factorization=k6_12,k9_9")
+    assert a == sweep_id("model=tiny", "factorization=k9_9,k6_12")  # redundant default, other order
+    assert a != sweep_id("factorization=k6_12,k12_6")
+
+
+def test_last_metrics_keep_their_prefix():
+    from magvit2.sweep import state
+    running = {"member": "a", "state": "running", "step": 3, "steps": 6, "run_dir": "/r/a",
+               "metrics": {"train/loss": 1.5, "train/lr": 0.001}}
+    done = {**running, "member": "b", "state": "finished", "metrics": {"train/loss": 1.0, "eval/psnr": 20.0}}
+    table = state.format_members([running, done])
+    assert "train/loss=1.5" in table and "eval/psnr=20" in table and " loss=" not in table
+
+
+def test_rate_and_eta_columns():
+    from magvit2.sweep import state
+    row = {"member": "a", "state": "running", "step": 100, "steps": 1000, "run_dir": "/r/a", "metrics": {},
+           "steps_per_s": 2.0}
+    line = state.format_members([row]).splitlines()[-1]
+    assert " 2 " in line and "7m30s" in line  # 900 steps left at 2 steps/s
+    assert "7m30s" not in state.format_members([{**row, "state": "finished"}])

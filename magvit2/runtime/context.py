@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 from omegaconf import DictConfig
@@ -122,8 +123,13 @@ class RunContext:
         if step % self.cfg.tracking.log_every == 0 or step == t.steps:
             logged = metrics()  # all ranks: it may all-reduce
             self.log(logged, step)
-            if self.is_main:
-                self.run.write_status(step=step, metrics={k: float(v) for k, v in logged.items()})
+            if self.is_main:  # steps/s since the last status write: the sweep table's rate and ETA
+                now = time.time()
+                last = getattr(self, "_rate_mark", None)
+                rate = (step - last[0]) / max(now - last[1], 1e-9) if last and step > last[0] else None
+                self._rate_mark = (step, now)
+                self.run.write_status(step=step, metrics={k: float(v) for k, v in logged.items()},
+                                      steps_per_s=rate)
             bar.set_postfix({label: f"{logged[k]:.3f}" for label, k in postfix.items()})
         bar.update(1)
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:

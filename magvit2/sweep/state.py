@@ -75,6 +75,7 @@ def refresh(sweep_dir: Path) -> list[dict]:
         st = RunDir(m["run_dir"]).read_status()
         submitted = doc.get("jobs", {}).get(m["run_dir"])
         rows.append({**m, "state": st["state"], "step": st.get("step", 0), "metrics": st.get("metrics", {}),
+                     "steps_per_s": st.get("steps_per_s"),
                      "slurm_job_id": submitted or st.get("slurm_job_id"),
                      "_jobs": [j for j in (submitted, st.get("slurm_job_id")) if j]})
     live = [r for r in rows if r["state"] not in TERMINAL and r["_jobs"]]
@@ -97,9 +98,15 @@ def refresh(sweep_dir: Path) -> list[dict]:
 
 
 def _short(metrics: dict, n: int = 4) -> str:
+    """A few metrics with their prefix kept (train/ while running, eval/ and val/ once finished)."""
     keys = [k for k in metrics if k.startswith(("eval/", "val/loss"))][:n] or list(metrics)[:n]
-    return " ".join(f"{k.split('/', 1)[-1]}={metrics[k]:.4g}" for k in keys
-                    if isinstance(metrics[k], (int, float)))
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float)))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def format_members(rows: list[dict], title: str = "") -> str:
@@ -107,7 +114,11 @@ def format_members(rows: list[dict], title: str = "") -> str:
     table = []
     for i, r in enumerate(rows):
         step = f"{r.get('step', 0)}/{r['steps']}" if r.get("steps") else r.get("step", 0)
-        table.append([i, r["member"], r["state"], step, _short(r.get("metrics", {})), r.get("slurm_job_id") or "",
-                      r["run_dir"]])
-    out = tabulate(table, headers=["#", "member", "state", "step", "last metrics", "slurm job", "run dir"])
+        rate, eta = r.get("steps_per_s"), ""
+        if rate and r["state"] == "running" and r.get("steps"):
+            eta = _duration((r["steps"] - r.get("step", 0)) / rate)
+        table.append([i, r["member"], r["state"], step, f"{rate:.3g}" if rate else "", eta,
+                      _short(r.get("metrics", {})), r.get("slurm_job_id") or "", r["run_dir"]])
+    out = tabulate(table, headers=["#", "member", "state", "step", "steps/s", "ETA", "last metrics", "slurm job",
+                                   "run dir"])
     return f"{title}\n{out}" if title else out

@@ -1,4 +1,5 @@
-"""`python -m magvit2.sweep status <sweep id | sweep dir> [--root outputs] [--wait] [--tail N --member I]`
+"""`python -m magvit2.sweep status <sweep id | sweep dir> [--root outputs] [--wait] [--tail N --member I]`,
+`python -m magvit2.sweep list [--root outputs]`, `python -m magvit2.sweep cancel <sweep id> [--root outputs]`
 
 Reconnects to a sweep (also one submitted with hydra.launcher.detach=true): a table of its members with state,
 step, last metrics, SLURM job id and run dir, read from the run dirs and the SLURM queue; --wait polls until every
@@ -29,16 +30,18 @@ def find_sweep(ref: str, root: Path) -> Path:
                      f"id or dir, and --root if paths.root was not ./outputs")
 
 
-def member_log(row: dict, root: Path) -> Path | None:
-    """The newest submitit log of the member's SLURM job, else the newest hydra log naming its run dir."""
+def member_logs(row: dict, root: Path) -> list[Path]:
+    """The member's own job logs, stdout then stderr (where the progress bar and its ETA go): the submitit folder
+    of exactly its job (`<array>_<task>`, not another task of the array), rank 0; else the newest hydra log naming
+    its run dir."""
     jid = row.get("slurm_job_id")
     if jid:
-        logs = sorted((root / "submitit").glob(f"{jid}*/*_0_log.out")) + sorted(
-            (root / "submitit").glob(f"{jid.split('_')[0]}*/*_log.out"))
+        folder = root / "submitit" / jid
+        logs = [f for ext in ("out", "err") for f in sorted(folder.glob(f"*_0_log.{ext}"))]
         if logs:
-            return max(logs, key=os.path.getmtime)
+            return logs
     logs = [p for p in (root / "hydra").rglob("*.log") if row["run_dir"] in p.read_text(errors="ignore")]
-    return max(logs, key=os.path.getmtime) if logs else None
+    return [max(logs, key=os.path.getmtime)] if logs else []
 
 
 def close_parent_run(sweep_dir: Path, rows: list[dict]) -> str | None:
@@ -58,19 +61,67 @@ def _counts(rows: list[dict]) -> str:
     return "  ".join(f"{s}: {sum(r['state'] == s for r in rows)}" for s in states)
 
 
+def list_sweeps(root: Path) -> int:
+    """One line per sweep under root: id, members, state counts, launcher, when it was last submitted."""
+    from tabulate import tabulate
+    table = []
+    for d in sorted((root / "sweeps").glob("*"), key=os.path.getmtime) if (root / "sweeps").exists() else []:
+        doc = read_json(d / "sweep.json", None)
+        if doc is None:
+            continue
+        rows = state.refresh(d)
+        ended = all(r["state"] in state.ENDED for r in rows)
+        table.append([d.name, len(rows), "ended" if ended else "active", _counts(rows), doc.get("launcher", ""),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(d / "sweep.json")))])
+    if not table:
+        print(f"no sweeps under {root / 'sweeps'}")
+        return 0
+    print(tabulate(table, headers=["sweep", "members", "state", "members by state", "launcher", "submitted"]))
+    return 0
+
+
+def cancel_sweep(sweep_dir: Path) -> int:
+    """scancel the jobs of members that have not ended, then mark the sweep's MLflow parent run KILLED."""
+    import subprocess
+    rows = state.refresh(sweep_dir)
+    jobs = sorted({r["slurm_job_id"] for r in rows if r.get("slurm_job_id") and r["state"] not in state.ENDED})
+    if jobs:
+        p = subprocess.run(["scancel", *jobs], capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            print(f"error: scancel {' '.join(jobs)} failed: {p.stderr.strip()}", file=sys.stderr)
+            return 1
+    doc = read_json(sweep_dir / "sweep.json", {})
+    if doc.get("parent_run_id") and doc.get("tracking_uri"):
+        from magvit2 import tracking
+        tracking.end_if_running(doc["parent_run_id"], "KILLED", doc["tracking_uri"])
+    print(f"sweep {sweep_dir.name}: cancelled {len(jobs)} job(s){': ' + ' '.join(jobs) if jobs else ''}; "
+          f"MLflow parent run KILLED; resubmit the same command to resume the members")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.sweep")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    root_default = Path(os.environ.get("MAGVIT2_ROOT", "outputs"))
+    ls = sub.add_parser("list", help="the sweeps under the root, with their state and counts")
+    ls.add_argument("--root", type=Path, default=root_default)
+    cc = sub.add_parser("cancel", help="scancel a sweep's unfinished members and mark its parent run KILLED")
+    cc.add_argument("sweep", help="sweep id (or a unique prefix) or sweep dir")
+    cc.add_argument("--root", type=Path, default=root_default)
     st = sub.add_parser("status", help="member table of a sweep")
     st.add_argument("sweep", help="sweep id (or a unique prefix) or sweep dir")
-    st.add_argument("--root", type=Path, default=Path(os.environ.get("MAGVIT2_ROOT", "outputs")))
+    st.add_argument("--root", type=Path, default=root_default)
     st.add_argument("--wait", action="store_true", help="poll until every member finished or failed")
     st.add_argument("--interval", type=float, default=float(os.environ.get("MAGVIT2_POLL_S", 30)),
                     help="seconds between polls with --wait (default: $MAGVIT2_POLL_S or 30)")
     st.add_argument("--tail", type=int, default=0, help="print the last N lines of a member's log")
     st.add_argument("--member", type=int, default=0, help="which member (# in the table) --tail reads")
     a = ap.parse_args(argv)
+    if a.cmd == "list":
+        return list_sweeps(a.root)
     sweep_dir = find_sweep(a.sweep, a.root)
+    if a.cmd == "cancel":
+        return cancel_sweep(sweep_dir)
     rows = state.refresh(sweep_dir)
     if a.tail and not 0 <= a.member < len(rows):
         print(f"error: --member {a.member} out of range (0..{len(rows) - 1})", file=sys.stderr)
@@ -92,11 +143,12 @@ def main(argv=None) -> int:
     if closed:
         print(f"sweep ended: MLflow parent run {closed}")
     if a.tail:
-        log = member_log(rows[a.member], a.root)
-        if log is None:
+        logs = member_logs(rows[a.member], a.root)
+        if not logs:
             print(f"(no log found for member #{a.member} yet)")
-        else:
+        for log in logs:
             print(f"--- {log} (last {a.tail} lines)")
-            print("\n".join(log.read_text(errors="replace").splitlines()[-a.tail:]))
+            text = log.read_text(errors="replace").replace("\r", "\n")  # progress bars redraw with \r
+            print("\n".join([ln for ln in text.splitlines() if ln.strip()][-a.tail:]))
     return 1 if a.wait and any(r["state"] != "finished" for r in rows) else 0
 

@@ -37,14 +37,11 @@ class Magvit2SweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="magvit2", node=Magvit2SweeperConf)
 
 
-def sweep_id_for(members: List[List[str]]) -> str:
-    """Stable id from the member override lists: the same sweep submitted again gets the same id."""
-    key = json.dumps(sorted(sorted(m) for m in members))
+def sweep_id_for(rows: List[dict]) -> str:
+    """Stable id from what the members are (stage and signature), not from how the overrides were spelled: the
+    same sweep submitted again, or written with a redundant `model=tiny` or in another order, gets the same id."""
+    key = json.dumps(sorted(f"{r['stage']}:{r['signature']}" for r in rows))
     return hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
-def _is_member_key(o: str) -> bool:
-    return not o.startswith(("hydra/launcher", "hydra.launcher", "dry_run", "sweep."))
 
 
 class Magvit2Sweeper(Sweeper):
@@ -66,7 +63,7 @@ class Magvit2Sweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         arguments = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         members, rows = plan(self.hydra_context.config_loader, self.config, arguments)
-        sid = self.config.sweep.id or sweep_id_for([[o for o in m if _is_member_key(o)] for m in members])
+        sid = self.config.sweep.id or sweep_id_for(rows)
         dry = bool(self.config.get("dry_run", False))
         sweep_dir = Path(self.config.paths.root) / "sweeps" / sid
         _overlay_earlier_jobs(sweep_dir, rows)
