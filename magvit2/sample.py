@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from magvit2 import config as C  # (also registers resolvers)
     from magvit2.metrics import export_adm_npz
     from magvit2.build import build_ar
-    from magvit2.stages.generate import class_labels, sample_images, save_sample_grid
+    from magvit2.stages.generate import class_labels, grid_title, sample_images, save_sample_grid
     from magvit2.metrics.grids import as_numpy_uint8
     from magvit2.stages.resolve import load_tokenizer
 
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     images = sample_images(model, tokenizer, labels, s, s.seed, s.batch_size, device)
     out = a.out or a.run_dir / f"samples-{s.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    grid_path = save_sample_grid(images, s.per_class, out / "samples.png")
+    from magvit2.data.images import class_names
+    grid_path = save_sample_grid(images, s.per_class, out / "samples.png", classes=classes,
+                                 names=class_names(cfg.data), title=grid_title(s, ckpt.get("step")))
     export_adm_npz(as_numpy_uint8(images), out / "samples.npz")
     print(f"{len(images)} samples (step {ckpt.get('step')}): {grid_path} and {out / 'samples.npz'}")
     return 0

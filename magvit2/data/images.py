@@ -152,6 +152,18 @@ def _scan(folder: Path, classes: list[str] | None = None):
     return classes, items
 
 
+def class_names(data_cfg) -> list[str] | None:
+    """The data set's class names in label order (photos: the photo names; image folders: train/'s subfolders)."""
+    try:
+        if data_cfg.name == "photos":
+            return [str(p) for p in data_cfg.photos]
+        root = Path(data_cfg.path)
+        folder = root / "train" if (root / "train").is_dir() else root
+        return sorted(d.name for d in folder.iterdir() if d.is_dir())
+    except (OSError, TypeError, AttributeError):  # a moved data folder must not stop sampling
+        return None
+
+
 class ImageFolder(Dataset):
     """<path>/train|val/<class>/*; without val/, a deterministic split of <path>/<class>/* by file order."""
 

@@ -14,8 +14,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def save_grid(rows, path: Path, labels=None, scale: int = 2) -> Path:
-    """rows: a sequence of (B,3,H,W) tensors in [-1,1], one grid row each, with a text label to its left."""
+def save_grid(rows, path: Path, labels=None, scale: int = 2, title: str | None = None) -> Path:
+    """rows: a sequence of (B,3,H,W) tensors in [-1,1], one grid row each, with a text label to its left; `title`
+    goes in a band above the grid."""
     rows = [r.detach().cpu() for r in rows]
     n = max(r.shape[0] for r in rows)
     h, w = rows[0].shape[-2:]
@@ -31,6 +32,11 @@ def save_grid(rows, path: Path, labels=None, scale: int = 2) -> Path:
         row_h = img.height / len(rows)
         for i, s in enumerate(labels):
             draw.text((4, int(row_h * (i + 0.5)) - 5), s, fill="black")
+        img = canvas
+    if title:
+        canvas = Image.new("RGB", (max(img.width, 6 * len(title) + 8), img.height + 16), "white")
+        canvas.paste(img, (0, 16))
+        ImageDraw.Draw(canvas).text((4, 2), title, fill="black")
         img = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,11 +39,25 @@ def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def save_sample_grid(images: torch.Tensor, per_class: int, path: Path, max_classes: int = 10,
-                     max_per_class: int = 8) -> Path:
-    rows = [images[c * per_class:c * per_class + min(per_class, max_per_class)]
-            for c in range(min(max_classes, len(images) // per_class))]
-    return save_grid(rows, path, labels=[f"class {c}" for c in range(len(rows))])
+def save_sample_grid(images: torch.Tensor, per_class: int, path: Path, classes=None, names=None,
+                     title: str | None = None, max_classes: int = 10, max_per_class: int = 8) -> Path:
+    """One row per class block of `images` (`per_class` each); row i is class classes[i] (default i), labelled with
+    its name from `names` (the data set's class names) when known."""
+    n = min(max_classes, len(images) // per_class)
+    rows = [images[i * per_class:i * per_class + min(per_class, max_per_class)] for i in range(n)]
+    ids = list(classes)[:n] if classes is not None else list(range(n))
+    labels = [names[c] if names is not None and c < len(names) else f"class {c}" for c in ids]
+    return save_grid(rows, path, labels=labels, title=title)
+
+
+def grid_title(sampling, step) -> str:
+    """What a sample grid was drawn with: CFG scales, temperatures, top-k/p, the checkpoint step."""
+    extra = "".join(f", {k} {sampling[k]}" for k in ("top_k", "top_p") if sampling.get(k) is not None)
+    return f"CFG {_fmt(sampling.cfg_scale)}, temperature {_fmt(sampling.temperature)}{extra}, step {step}"
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{float(x):g}" for x in v) + ")" if not isinstance(v, (int, float)) else f"{v:g}"
 
 
 def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
@@ -75,7 +89,9 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     order = torch.cat([torch.arange(r, len(labels), acc.num_processes) for r in range(acc.num_processes)])
     images = torch.empty_like(gathered[:len(labels)])
     images[order] = gathered[:len(labels)]
-    grid = save_sample_grid(images, s.per_class, ctx.run_dir / "samples.png")
+    from magvit2.data.images import class_names
+    grid = save_sample_grid(images, s.per_class, ctx.run_dir / "samples.png", names=class_names(cfg.data),
+                            title=grid_title(s, ctx.t.steps))
     ctx.tracker.log_artifact(str(grid))
     if s.export_npz:
         npz = ctx.run_dir / "samples.npz"
