@@ -35,3 +35,11 @@ def test_class_names_of_the_data_sets(tmp_path):
         (tmp_path / "train" / c).mkdir(parents=True)
     assert class_names(OmegaConf.create({"name": "imagefolder", "path": str(tmp_path)})) == ["ant", "bee"]
     assert class_names(OmegaConf.create({"name": "imagefolder", "path": str(tmp_path / "gone")})) is None
+
+
+def test_a_curve_of_one_point_is_drawn():
+    import pandas as pd
+    from magvit2.results import plot_curves
+    hist = pd.DataFrame({"run_id": ["r1"], "run_name": ["a"], "key": ["eval/psnr"], "step": [100], "value": [20.0]})
+    (line,) = plot_curves(hist, "eval/psnr").axes[0].get_lines()
+    assert line.get_marker() == "o"  # a line through one point draws nothing

@@ -58,7 +58,9 @@ def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None) ->
     ax = fig.subplots()
     h = hist[hist["key"] == key]
     for (rid, name), g in h.groupby(["run_id", "run_name"], sort=False):
-        ax.plot(g["step"], g["value"], label=str(name or rid[:8]))
+        # markers: a metric logged only at the end is one point, which a bare line would not draw at all
+        ax.plot(g["step"], g["value"], label=str(name or rid[:8]), marker="o" if len(g) <= 50 else None,
+                markersize=4)
     if h.empty:
         _note(ax, f"no history of {key}")
     else:
