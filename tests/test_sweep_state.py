@@ -115,3 +115,15 @@ def test_rate_and_eta_columns():
     line = state.format_members([row]).splitlines()[-1]
     assert " 2 " in line and "7m30s" in line  # 900 steps left at 2 steps/s
     assert "7m30s" not in state.format_members([{**row, "state": "finished"}])
+
+
+def test_the_summary_names_the_winner_with_its_margin():
+    from magvit2.sweep import state
+    rows = [{"member": "k6_12-B", "state": "finished", "metrics": {"val/loss": 7.0}},
+            {"member": "k9_9-B", "state": "finished", "metrics": {"val/loss": 8.0}},
+            {"member": "k12_6-B", "state": "failed", "metrics": {"val/loss": 1.0}}]  # not finished: not ranked
+    assert state.winner_line(rows) == ("winner by val/loss (lower is better): k6_12-B 7 vs k9_9-B 8 "
+                                       "(-1, -12.5%; n = 1 seed each)")
+    rows[0]["metrics"]["eval/fid"], rows[1]["metrics"]["eval/fid"] = 30.0, 20.0  # FID ranks first when present
+    assert state.winner_line(rows).startswith("winner by eval/fid (lower is better): k9_9-B 20 vs k6_12-B 30")
+    assert state.winner_line([]) is None

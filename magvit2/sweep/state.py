@@ -122,3 +122,27 @@ def format_members(rows: list[dict], title: str = "") -> str:
     out = tabulate(table, headers=["#", "member", "state", "step", "steps/s", "ETA", "last metrics", "slurm job",
                                    "run dir"])
     return f"{title}\n{out}" if title else out
+
+
+# The key metric a sweep's summary ranks members by, in order of preference: (key, lower is better).
+KEY_METRICS = (("eval/fid", True), ("val/loss", True), ("eval/rfid", True), ("eval/psnr", False))
+
+
+def winner_line(rows: list[dict]) -> str | None:
+    """'winner by <key>: <member> (<value> vs <runner-up> <value>, <delta>)' over the finished members."""
+    done = [r for r in rows if r["state"] == "finished"]
+    for key, lower in KEY_METRICS:
+        have = [r for r in done if isinstance(r.get("metrics", {}).get(key), (int, float))]
+        if not have:
+            continue
+        have.sort(key=lambda r: r["metrics"][key], reverse=not lower)
+        best = have[0]
+        line = f"winner by {key} ({'lower' if lower else 'higher'} is better): {best['member']} " \
+               f"{best['metrics'][key]:.4g}"
+        if len(have) > 1:
+            second = have[1]
+            d = best["metrics"][key] - second["metrics"][key]
+            rel = f", {d / abs(second['metrics'][key]):+.1%}" if second["metrics"][key] else ""
+            line += f" vs {second['member']} {second['metrics'][key]:.4g} ({d:+.4g}{rel}; n = 1 seed each)"
+        return line
+    return None

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -163,6 +164,9 @@ def launch(launcher, sweep_dir: Path, sid: str, parent: str, todo: List[tuple], 
     return results
 
 
+_T0 = time.monotonic()  # the sweep command's start (this module is imported when it starts)
+
+
 def close(sweep_dir: Path, sid: str, parent: str, results: list, root: str) -> None:
     """After a blocking launch: the results table, and the parent run closed unless earlier jobs still run members."""
     from magvit2 import tracking
@@ -174,6 +178,11 @@ def close(sweep_dir: Path, sid: str, parent: str, results: list, root: str) -> N
         failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
         tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
         print(state.format_members(final, title=f"sweep {sid}: results"))
+        win = state.winner_line(final)
+        if win:
+            print(win)
+        print(f"wall time {time.strftime('%H:%M:%S', time.gmtime(time.monotonic() - _T0))}; next: "
+              f"python -m magvit2.report --sweep {sid}")
 
 
 def _overlay_earlier_jobs(sweep_dir: Path, rows: List[dict]) -> None:
