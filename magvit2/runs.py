@@ -6,7 +6,7 @@ checkpoint.prev.pt       the one before it, kept while the run trains: a resume 
 rng-<rank>-<step>.pt     every rank's RNG state at those two checkpoints (rank 0's is also inside the checkpoint)
 metrics.jsonl            MLflow writes spooled while the tracking server was unreachable (magvit2.tracking)
 .<name>.tmp-<pid>-*      a write in progress; one left by a killed writer is removed when the run dir is next opened
-status.json              {state: new|partial|running|finished|failed|preempted, step, metrics, slurm_job_id, ...}
+status.json              {state: new|partial|running|finished|failed|diverged|preempted, step, metrics, ...}
 config.yaml, results.json  the resolved config; the final metrics
 <run dir>.lock           one process trains a run dir at a time
 """
