@@ -117,10 +117,10 @@ class RunContext:
         if losses:
             bad = torch.stack([~torch.isfinite(x.detach().float()).all() for x in losses]).any().to(torch.int64)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
-        if step % self.cfg.tracking.log_every == 0 or step == t.steps or step % t.ckpt_every == 0 \
-                or self.preempt.requested(self.acc):
+        log_step = step % self.cfg.tracking.log_every == 0 or step == t.steps
+        if log_step or step % t.ckpt_every == 0:
             self.check_finite(step)
-        if step % self.cfg.tracking.log_every == 0 or step == t.steps:
+        if log_step:
             logged = metrics()  # all ranks: it may all-reduce
             self.log(logged, step)
             if self.is_main:  # steps/s since the last status write: the sweep table's rate and ETA
@@ -136,7 +136,8 @@ class RunContext:
             self.log(evaluate(), step)
         if step % t.ckpt_every == 0 and step != t.steps:
             self.save(step, payload())
-        if self.preempt.requested(self.acc):
+        if self.preempt.requested(self.acc):  # one all-reduce per step when distributed: asked once
+            self.check_finite(step)
             self.save(step, payload())
             if self.is_main:
                 self.run.write_status(state="preempted", step=step)
