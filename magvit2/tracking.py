@@ -262,21 +262,6 @@ def _find_sweep_run(client: MlflowClient, exp_id: str, sweep_id: str):
     return runs[0] if runs else None
 
 
-@contextlib.contextmanager
-def _file_lock(root: str, name: str):
-    """Inter-process lock in <root>/.locks (root is shared by a sweep's members)."""
-    import fcntl
-
-    d = Path(root).expanduser().resolve() / ".locks"
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"{name}.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_sweep_run(experiment: str, root: str, sweep_id: str, stage: str, overrides: str, n_members: int,
                      uri: str | None = None) -> str:
     """The sweep's parent run (found by tag magvit2.sweep_id, else created); set RUNNING; returns its run id."""
@@ -285,7 +270,8 @@ def ensure_sweep_run(experiment: str, root: str, sweep_id: str, stage: str, over
     client = MlflowClient(turi)
     exp_id = get_experiment_id(experiment, root, uri)
     tags = {KIND: "sweep", SWEEP_ID: sweep_id, STAGE: stage, OVERRIDES: overrides or "", N_MEMBERS: str(n_members)}
-    with _file_lock(root, f"sweep-{sweep_id}"):
+    from magvit2.runs import FileLock  # inter-process: root is shared by a sweep's members
+    with FileLock(Path(root).expanduser().resolve() / ".locks" / f"sweep-{sweep_id}"):
         run = _find_sweep_run(client, exp_id, sweep_id)
         if run is None:
             tags, long = _split_long(tags, MAX_TAG_VALUE, SEE_TAGS)
