@@ -71,6 +71,10 @@ def validate(cfg: DictConfig) -> None:
             vals = subtoken_values(cfg.sampling[key], len(bits), f"sampling.{key}")
             if key == "temperature" and min(vals) <= 0:
                 raise ConfigError(f"sampling.temperature={vals} must be > 0 for every sub-token")
+        init = cfg.model.get("init_from")
+        if init not in (None, "") and not Path(str(init)).expanduser().exists():
+            raise ConfigError(f"model.init_from={init} does not exist: give a released Open-MAGVIT2 AR .ckpt, an AR "
+                              f"run's checkpoint.pt or its run dir, or null")
         if cfg.model.dim % cfg.model.n_heads or (cfg.model.dim // cfg.model.n_heads) % 4:
             raise ConfigError(
                 f"model.dim={cfg.model.dim} / model.n_heads={cfg.model.n_heads} must give a head dim divisible "
@@ -244,9 +248,17 @@ def tokenizer_source(cfg: DictConfig) -> str:
     return (f"sig:{tokenizer_signature(cfg)}" if ck in (None, "auto") else f"ckpt:{ck}") + f":{w}"
 
 
+def _model_identity(cfg: DictConfig) -> dict:
+    """model.* for the signature; init_from only when set, so runs from before the setting keep their run dirs."""
+    m = to_dict(cfg.model)
+    if m.get("init_from") in (None, ""):
+        m.pop("init_from", None)
+    return m
+
+
 def ar_signature(cfg: DictConfig) -> str:
     return _hash({"tokenizer": tokenizer_source(cfg), "factorization": list(cfg.factorization.bits),
-                  "model": to_dict(cfg.model), "data": data_identity(cfg),
+                  "model": _model_identity(cfg), "data": data_identity(cfg),
                   "tokens": to_dict(cfg.tokens) if "tokens" in cfg else {"name": "online"},
                   "trainer": _strip(to_dict(cfg.trainer.ar)), "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
 

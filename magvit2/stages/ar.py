@@ -17,7 +17,7 @@ from magvit2.build import build_ar, build_token_dataset
 from magvit2.models.ar import subtoken_loss
 from magvit2.runtime.context import RunContext
 from magvit2.stages.generate import evaluate_generation
-from magvit2.stages.resolve import load_tokenizer
+from magvit2.stages.resolve import init_weights, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
                         "derived.train_tokens": len(train_ds) * max(1, T.variants(cfg))})
         if ctx.is_main:
             ctx.tracker.set_tags({tracking.TOKENIZER: tok_info.get("source", "")})
+        init = init_weights(cfg, model)
+        if init:
+            log.info(f"AR {ctx.signature} starts from {init}")
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,

@@ -63,9 +63,16 @@ def load_tokenizer(cfg):
     if weights not in ("raw", "ema"):
         raise C.ConfigError(f"tokens.weights={weights!r}: use raw (the original's) or ema")
     path, source = checkpoint_path(cfg)
-    from magvit2 import checkpoint  # weights_only: a checkpoint file must never run code
-    ckpt = checkpoint.load(path, f"tokens.tokenizer={cfg.tokens.tokenizer}", _REFUSED_FIX)
+    setting = f"tokens.tokenizer={cfg.tokens.tokenizer}"
     model = build_tokenizer(cfg)
+    if path.suffix == ".ckpt":  # a released Open-MAGVIT2 file (or the tokenizer inside a released AR file)
+        from magvit2 import released
+        info = released.into_tokenizer(path, model, setting, weights)
+        model.eval().requires_grad_(False)
+        return model, f"{source}:reference:{weights}", {"source": source, "path": str(path), "step": None,
+                                                        "metrics": {}, "weights": weights, "reference": True}
+    from magvit2 import checkpoint  # weights_only: a checkpoint file must never run code
+    ckpt = checkpoint.load(path, setting, _REFUSED_FIX)
     try:
         if "ema" in ckpt:
             model.load_state_dict(ckpt["model"])
@@ -90,3 +97,31 @@ def _load_ema(model, ema_state) -> None:
     ema = EMA(model)
     ema.load_state_dict(ema_state)
     ema.copy_to(model)
+
+
+def init_weights(cfg, model) -> str | None:
+    """model.init_from: starting weights for a new AR run (a resumed run continues from its own checkpoint).
+    A released AR .ckpt, a magvit2 AR run's checkpoint.pt or its run dir. -> a description for the log, or None."""
+    src = cfg.model.get("init_from")
+    if src in (None, ""):
+        return None
+    setting = f"model.init_from={src}"
+    p = Path(str(src)).expanduser()
+    if p.is_dir():
+        p = RunDir(p).checkpoint
+    if not p.is_file():
+        raise C.ConfigError(f"{setting}: file not found; give a released Open-MAGVIT2 AR .ckpt, an AR run's "
+                            f"checkpoint.pt or its run dir")
+    if p.suffix == ".ckpt":
+        from magvit2 import released
+        info = released.into_ar(p, model, setting)
+        return f"released {info['model_size'] or 'AR'} file {p} ({info['tensors']} tensors)"
+    from magvit2 import checkpoint
+    ckpt = checkpoint.load(p, setting, _REFUSED_FIX.replace("a tokenizer run", "an AR run"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise C.ConfigError(f"{setting}: {p} does not fit model={cfg.model.name} factorization="
+                            f"{C.choices(cfg).get('factorization')} ({str(e).splitlines()[0][:200]}); use the model "
+                            f"and factorization it was trained with") from e
+    return f"{p} (step {ckpt.get('step', '?')})"
