@@ -28,8 +28,8 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's noteb
 
 from IPython.display import Image, Markdown, display
 
-from magvit2.results import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
-                              resolve_uri, to_markdown, tokenizer_table)
+from magvit2.results import (ar_table, load_history, load_runs, missing_note, plot_curves, plot_scaling,
+                              plot_utilization, resolve_uri, to_markdown, tokenizer_table)
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -42,11 +42,14 @@ df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
 
 # %% [markdown]
 # ## Tables
-# A dash is a metric that was not logged; its footnote gives the reason recorded with the run. Each metric comes
-# with its N (images, tokens, samples): compare FIDs only at equal N. "SSIM" is scikit-image's 7x7 uniform-window
-# SSIM (the reference's); "SSIM (Gaussian 11x11)" is torchmetrics'. "FID (in-loop)" is the training run's samples
-# against the validation images, not the paper's gFID (50,000 samples, 50 per class, vs the ADM ImageNet-256
-# reference batch).
+# A dash is a metric that was not logged; the numbered list under a table gives the reason recorded with the run.
+# The best value of each metric column is in bold (lower is better for FID, rFID, LPIPS and losses; higher for PSNR,
+# SSIM, IS and utilization). Each metric comes with its N (images, tokens, samples): compare FIDs only at equal N.
+# "SSIM" is scikit-image's 7x7 uniform-window SSIM (the reference's); "SSIM (Gaussian 11x11)" is torchmetrics'.
+# "FID (in-loop)" is the training run's samples against the validation images, not the paper's gFID (50,000
+# samples, 50 per class, vs the ADM ImageNet-256 reference batch). Losses are in nats; "steps (schedule)" are the
+# planned steps (status says whether the run got there); "params (incl. head)" counts every parameter, the 2^K-way
+# output head included.
 
 # %%
 sections = []
@@ -65,27 +68,39 @@ display(Markdown(tables_md))
 # ## Plots
 
 # %%
-pngs = []
+pngs, notes = [], []
 
 
 def slug(key):
     return key.replace("/", "_")
 
 
+def keep(fig, path, runs, key):
+    """A plot with data goes into the report; a metric no run logged gets a line in the text instead."""
+    if fig is None:
+        notes.append(missing_note(runs, key))
+    else:
+        pngs.append(path)
+
+
 if len(ar):
     for metric in ("eval/fid", "eval/is", "val/loss"):
-        pngs.append(out / f"scaling_{slug(metric)}.png")
-        plot_scaling(ar, metric, pngs[-1])
+        p = out / f"scaling_{slug(metric)}.png"
+        keep(plot_scaling(ar, metric, p), p, ar, metric)
     hist = load_history(ar["run_id"], ["train/loss", "val/loss", "val/loss_*"], tracking_uri)
-    for key in sorted(hist["key"].unique()):
-        pngs.append(out / f"curve_{slug(key)}.png")
-        plot_curves(hist, key, pngs[-1])
+    for key in ["train/loss", "val/loss"] + sorted(k for k in hist["key"].unique() if k.startswith("val/loss_")):
+        p = out / f"curve_{slug(key)}.png"
+        keep(plot_curves(hist, key, p), p, ar, key)
 if len(tok):
     hist = load_history(tok["run_id"], ["eval/utilization", "train/loss", "eval/rfid"], tracking_uri)
-    pngs.append(out / "utilization.png")
-    plot_utilization(hist, pngs[-1])
+    p = out / "utilization.png"
+    keep(plot_utilization(hist, p), p, tok, "eval/utilization")
     for key in ("train/loss", "eval/rfid"):
-        pngs.append(out / f"curve_tokenizer_{slug(key)}.png")
-        plot_curves(hist, key, pngs[-1])
+        p = out / f"curve_tokenizer_{slug(key)}.png"
+        keep(plot_curves(hist, key, p), p, tok, key)
+notes_md = "".join(f"- {n}\n" for n in notes)
+(out / "notes.md").write_text(notes_md)
+if notes:
+    display(Markdown("Not plotted:\n\n" + notes_md))
 for p in pngs:
     display(Markdown(f"**{p.name}**"), Image(filename=str(p)))

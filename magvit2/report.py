@@ -114,10 +114,11 @@ def build(sweep: str | None, experiment: str | None, out: Path, tracking_uri: st
     title = f"sweep {sweep}" if sweep else f"experiment {experiment}"
     pngs = sorted(out.glob("*.png"))
     tables = (out / "tables.md").read_text() if (out / "tables.md").exists() else "(no tables)\n"
+    notes = (out / "notes.md").read_text() if (out / "notes.md").exists() else ""  # metrics no run logged
     md = [f"# magvit2 ablation report: {title}", "",
           f"{len(df)} runs from `{uri}`, generated {time.strftime('%Y-%m-%d %H:%M:%S')}. "
           "Full notebook: [report.html](report.html), [report.ipynb](report.ipynb).", "",
-          "## Tables", "", tables, "## Plots", ""]
+          "## Tables", "", tables, "## Plots", ""] + (["Not plotted:", "", notes] if notes else [])
     md += [f"![{p.stem}]({p.name})\n" for p in pngs]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out / "report.md"

@@ -23,7 +23,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from magvit2.config import ConfigError
 
@@ -52,6 +52,8 @@ CHECKPOINT, TOKENIZER, SAMPLES_NPZ, FID_PROTOCOL = (  # what a member produced o
     "magvit2.checkpoint", "magvit2.tokenizer", "magvit2.samples_npz", "magvit2.fid_protocol")
 RUN_STATE = "magvit2.state"  # set when a run ends other than MLflow's statuses say (diverged)
 PARENT_RUN_ID = MLFLOW_PARENT_RUN_ID  # MLflow's own: nests member runs under the sweep run in the UI
+NOTE = MLFLOW_RUN_NOTE  # MLflow's own: the run's description in the UI (a sweep run's: its axes and winner)
+BEST_PREFIX = "magvit2.best."  # sweep run: the best member for the key metric (.member, .metric, .value, ...)
 
 
 def missing(key: str) -> str:
@@ -300,11 +302,27 @@ def finish_sweep_run(run_id: str, status: str = "FINISHED", root: str | None = N
     _retry(lambda: client.set_terminated(run_id, status), "finish sweep run")
 
 
-def end_if_running(run_id: str, status: str, uri: str) -> None:
-    """Terminate a run in the store at exactly `uri` (a sweep's recorded one) unless it ended already."""
+def end_if_running(run_id: str, status: str, uri: str) -> bool:
+    """Terminate a run in the store at exactly `uri` (a sweep's recorded one) unless it ended already; True if this
+    call ended it."""
     client = MlflowClient(uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status)
+    return True
+
+
+def summarize_sweep_run(run_id: str, uri: str, tags: dict, metrics: dict[str, float],
+                        texts: dict[str, str]) -> None:
+    """The end-of-sweep record on a sweep run in the store at `uri`: tags (best member, description), metrics (wall
+    time, device-hours) and text artifacts (the results table); a resubmitted sweep overwrites them."""
+    client = MlflowClient(uri)
+    _set_tags(client, run_id, tags)
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+    _retry(lambda: client.log_batch(run_id, metrics=ms, synchronous=True), "log sweep summary")
+    for name, text in texts.items():
+        _retry(lambda: client.log_text(run_id, text, name), f"log {name}")
 
 
 def run_tags(run_id: str, root: str, uri: str | None = None) -> dict[str, str]:
@@ -372,10 +390,11 @@ def _fast_http():
 
 # ------------------------------------------------------------------------------------------------------------ members
 class MemberRun:
-    """One member's MLflow run: a child of the sweep run when `sweep_id` is given; `run_id` given -> resume it."""
+    """One member's MLflow run: a child of the sweep run when `sweep_id` is given (nested=False: only tagged with it,
+    for a shared run trained for the sweep in another experiment, e.g. its tokenizer); `run_id` given -> resume it."""
 
     def __init__(self, experiment: str, root: str, stage: str, signature: str, run_name: str, tags: dict,
-                 sweep_id: str | None, run_id: str | None = None, uri: str | None = None):
+                 sweep_id: str | None, run_id: str | None = None, uri: str | None = None, nested: bool = True):
         if stage not in ("tokenizer", "ar"):
             raise ValueError(f"stage={stage!r}: use 'tokenizer' or 'ar'")
         self.root, self.uri = root, uri
@@ -405,8 +424,9 @@ class MemberRun:
         base = {KIND: "member", SWEEP_ID: sweep_id or "", STAGE: stage, SIGNATURE: signature,
                 HOST: socket.gethostname()}  # the caller adds SLURM_JOB_ID (magvit2.runs.slurm_job_id)
         base.update({str(k): "" if v is None else str(v) for k, v in (tags or {}).items()})
-        if sweep_id:  # normally created by the launcher before members start; created here if it is not
+        if sweep_id:
             _check_id("sweep_id", sweep_id)
+        if sweep_id and nested:  # normally created by the launcher before members start; created here if it is not
             parent = _find_sweep_run(self.client, self.experiment_id, sweep_id)
             base[PARENT_RUN_ID] = (parent.info.run_id if parent is not None else
                                           ensure_sweep_run(experiment, root, sweep_id, stage, "", 0, uri))
@@ -625,4 +645,4 @@ class MemberRun:
 
 
 __all__ = ["TrackingError", "check_server", "tracking_uri", "get_experiment_id", "flatten", "ensure_sweep_run",
-           "finish_sweep_run", "MemberRun"]
+           "finish_sweep_run", "summarize_sweep_run", "MemberRun"]

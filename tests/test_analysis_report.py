@@ -13,8 +13,8 @@ import pytest
 from mlflow_server import fresh_sqlite
 
 from magvit2 import tracking
-from magvit2.results import (ar_table, load_history, load_runs, plot_curves, plot_scaling, plot_utilization,
-                              to_markdown, tokenizer_table)
+from magvit2.results import (ar_table, load_history, load_runs, missing_note, plot_curves, plot_scaling,
+                              plot_utilization, to_markdown, tokenizer_table)
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = "2024-05-01_12-00-00"
@@ -49,7 +49,7 @@ def _log_member(root: Path, fac: str, model: str, sweep: str, final: dict, steps
     m = tracking.MemberRun("magvit2-ar", str(root), "ar", f"sig-{fac}-{model}", f"{fac}-{model}",
                            {"magvit2.overrides": f"factorization={fac} model={model}"}, sweep)
     cfg = {"stage": "ar", "factorization": {"bits": _bits(fac)}, "model": {"dim": 64 if model == "tiny" else 1024},
-           "trainer": {"compile": model == "B", "lr": 3e-4},
+           "trainer": {"compile": model == "B", "lr": 3e-4, "ar": {"steps": 40}}, "seed": 7,
            "derived": {"params": PARAMS.get(model, 1), "bits": "-".join(map(str, _bits(fac)))},
            "choice": {"factorization": fac, "model": model}}
     m.log_params(tracking.flatten(cfg))
@@ -80,7 +80,8 @@ def store(tmp_path_factory):
         tok = {}
         for q in ("vq", "lfq"):
             m = tracking.MemberRun("magvit2-tokenizer", str(root), "tokenizer", f"tok-{q}", f"tiny-{q}", {}, "tok")
-            m.log_params(tracking.flatten({"choice": {"tokenizer": "tiny", "quantizer": q}, "quantizer": {"K": 18}}))
+            m.log_params(tracking.flatten({"choice": {"tokenizer": "tiny", "quantizer": q}, "quantizer": {"K": 18},
+                                           "trainer": {"tokenizer": {"steps": 200}, "ar": {"steps": 9}}, "seed": 3}))
             for s, u in enumerate(UTIL[q]):
                 m.log_metrics({"eval/utilization": u, "train/loss": 1.0 / (s + 1)}, step=100 * s)
             m.log_metrics(TOK[q], step=200)
@@ -132,16 +133,43 @@ def test_history_and_plots(store, tmp_path):
     assert sorted(len(l.get_xdata()) for l in lines) == [1, 2]  # k9_9 has only the tiny point (B's FID missing)
     plot_curves(h, "val/loss", tmp_path / "c.png")
     assert (tmp_path / "s.png").stat().st_size > 5000 and (tmp_path / "c.png").stat().st_size > 5000
+    # x: the model size by name, in size order (not the parameter count, which includes the 2^K-way head)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["tiny", "B"]
+    assert sorted(round(x) for l in lines for x in l.get_xdata()) == [0, 0, 1]
+    # a metric no run logged: no figure, no file (the report says so in its text)
+    assert plot_scaling(df, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
+    assert plot_curves(h, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
+    assert missing_note(df, "eval/fid") == (f"FID (in-loop: samples vs val images): no run logged it "
+                                            f"({MISSING_REASON}), so no plot.")
+
+
+def test_members_of_one_model_size_sit_together_in_the_scaling_plot():
+    names = ["k6_12-n_intra=0", "k6_12-n_intra=1", "k9_9-n_intra=0", "k9_9-n_intra=1", "k6_12-B"]
+    models = ["tiny"] * 4 + ["B"]
+    df = pd.DataFrame({"run_name": names, "model": pd.Categorical(models, ["tiny", "B"], ordered=True),
+                       "val/loss": [7.0, 7.5, 8.0, 8.5, 6.0], "missing": [{}] * 5})
+    fig = plot_scaling(df, "val/loss")
+    xs = {l.get_label(): list(l.get_xdata()) for l in fig.axes[0].get_lines()}
+    assert set(xs) == {"k6_12", "k6_12-n_intra=0", "k6_12-n_intra=1", "k9_9-n_intra=0", "k9_9-n_intra=1"}
+    tiny = [x for k, v in xs.items() if k != "k6_12" for x in v]
+    assert all(abs(x) < 0.25 for x in tiny) and len(set(tiny)) == 4  # side by side at the tiny tick, not on top
+    assert [round(x) for x in xs["k6_12"]] == [1]
+
+
+AR_HEADER = ["factorization", "model", "status", "steps (schedule)", "seed", "FID (in-loop)", "IS", "N samples", "N val img",
+             "val loss (nats)", "N val loss img", "val loss 1 (nats)", "val loss 2 (nats)", "params (incl. head)"]
 
 
 def test_ar_table_markdown(store):
     t = ar_table(load_runs(sweep=SWEEP, tracking_uri=store["uri"]))
-    assert list(t.columns) == ["FID (in-loop)", "IS", "N samples", "N val img", "val loss", "N val loss img", "val loss 1", "val loss 2",
-                               "params", "missing"]
+    assert list(t.columns) == AR_HEADER[2:] + ["missing"]
     assert t.loc[("k9_9", "B"), "missing"] == f"FID (in-loop): {MISSING_REASON}"
     md = to_markdown(t)
-    assert "| k9_9 | B | —[^1] | 70.12 | 50,000 | — | 7 |" in md and "| k6_12 | tiny | 41.5 | 20.25 | 8 | 20 |" in md
-    assert f"[^1]: FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
+    # status, steps, seed; the best of each metric in bold (lowest FID and losses, highest IS); no N or count is
+    assert "| k9_9 | B | finished | 40 | 7 | — (1) | 70.12 | 50,000 | — | 7 | 64 | 3.5 | **3.5** | 343,600,000 |" in md
+    assert "| k6_12 | B | finished | 40 | 7 | **12.25** | **80.5** | 50,000 | 50,000 | **6.25** | 64 | **2** | 4.25 |" in md
+    assert "| k6_12 | tiny | finished | 40 | 7 | 41.5 | 20.25 | 8 | 20 | 7.5 |" in md
+    assert f"Missing values:\n\n1. FID (in-loop) of k9_9/B: {MISSING_REASON}" in md and "[^" not in md
 
 
 def test_tokenizer_table_and_utilization(store, tmp_path):
@@ -149,17 +177,18 @@ def test_tokenizer_table_and_utilization(store, tmp_path):
     assert df["stage"].tolist() == ["tokenizer"] * 2 and df["experiment"].tolist() == ["magvit2-tokenizer"] * 2
     t = tokenizer_table(df)
     assert list(t.index) == [("tiny", "lfq"), ("tiny", "vq")] and list(t.index.names) == ["tokenizer", "quantizer"]
-    assert list(t.columns) == ["rFID", "PSNR", "SSIM", "SSIM (Gaussian 11x11)", "LPIPS", "N img", "utilization",
-                               "perplexity", "N tokens", "missing"]
+    assert list(t.columns) == ["status", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)",
+                               "LPIPS", "N img", "utilization (%)", "perplexity", "N tokens", "missing"]
     assert t["rFID"].isna().all() and t.loc[("tiny", "vq"), "missing"] == "rFID: no Inception weights (vq)"
-    assert t.loc[("tiny", "vq"), "utilization"] == 0.125 and t.loc[("tiny", "lfq"), "PSNR"] == 21.5
-    md = to_markdown(t)
-    assert "| tiny | vq | —[^2] | 19.25 | 0.5625 | 0.5 | 0.25 | 64 | 0.125 | 900.5 | 16,384 |" in md  # SSIM: skimage
-    assert "| tiny | lfq | —[^1] | 21.5 | 0.75 | 0.625 | 0.125 | 64 | 1 | 250,000 | 16,384 |" in md
+    assert t.loc[("tiny", "vq"), "utilization (%)"] == 12.5 and t.loc[("tiny", "lfq"), "PSNR (dB)"] == 21.5
+    md = to_markdown(t)  # utilization in percent, as the training summary prints it; SSIM: skimage's
+    assert "| tiny | vq | finished | 200 | 3 | — (2) | 19.25 | 0.5625 | 0.5 | 0.25 | 64 | 12.5 | 900.5 | 16,384 |" in md
+    assert ("| tiny | lfq | finished | 200 | 3 | — (1) | **21.5** | **0.75** | **0.625** | **0.125** | 64 | **100** | "
+            "250,000 | 16,384 |") in md  # LPIPS: lower is better
     h = load_history(df["run_id"], "eval/utilization", tracking_uri=store["uri"])
     fig = plot_utilization(h, tmp_path / "u.png")
     ys = {l.get_label(): list(l.get_ydata()) for l in fig.axes[0].get_lines()}
-    assert ys == {"tiny-lfq": UTIL["lfq"], "tiny-vq": UTIL["vq"]}
+    assert ys == {"tiny-lfq": [100 * u for u in UTIL["lfq"]], "tiny-vq": [100 * u for u in UTIL["vq"]]}
     assert (tmp_path / "u.png").stat().st_size > 5000
 
 
@@ -186,18 +215,16 @@ def test_report_cli(store, tmp_path):
     print(f"report CLI took {took:.1f} s")
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| factorization | model |")
-    assert header == ["factorization", "model", "FID (in-loop)", "IS", "N samples", "N val img", "val loss",
-                      "N val loss img",
-                      "val loss 1", "val loss 2", "params"]
+    assert header == AR_HEADER
     expect = []
     for (fac, model), f in FINAL.items():
-        fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "—[^1]"
+        fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "— (1)"
         n_real = f"{f['eval/n_real']:,.0f}" if "eval/n_real" in f else "—"
-        expect.append([fac, model, fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}", n_real,
-                       f"{f['val/loss']:g}", f"{f['val/n_images']:,.0f}", f"{f['val/loss_1']:g}",
+        expect.append([fac, model, "finished", "40", "7", fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}",
+                       n_real, f"{f['val/loss']:g}", f"{f['val/n_images']:,.0f}", f"{f['val/loss_1']:g}",
                        f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
-    assert rows == expect
-    assert f"[^1]: FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
+    assert [[c.strip("*") for c in r] for r in rows] == expect
+    assert f"1. FID (in-loop) of k9_9/B: {MISSING_REASON}" in md
     assert "FID (in-loop): N samples vs N val images, not the paper's 50k-sample gFID" in md
     pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert {"scaling_eval_fid.png", "curve_val_loss.png", "curve_val_loss_2.png"} <= set(pngs)
@@ -205,6 +232,7 @@ def test_report_cli(store, tmp_path):
         assert (out / p).stat().st_size > 5000, p
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and "k9_9" in html and "data:image/png;base64" in html
+    assert not re.search(r"\[\^\d+\]", html) and "<strong>12.25</strong>" in html  # rendered, no raw "[^1]:"
     nb = (out / "report.ipynb").read_text()
     assert f"kernel python: {sys.executable}" in nb  # papermill ran this interpreter, not some global kernel
 
@@ -218,11 +246,16 @@ def test_report_cli_tokenizer_experiment(store, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| tokenizer | quantizer |")
-    assert header == ["tokenizer", "quantizer", "rFID", "PSNR", "SSIM", "SSIM (Gaussian 11x11)", "LPIPS", "N img",
-                      "utilization", "perplexity", "N tokens"]
-    assert [r[:3] for r in rows] == [["tiny", "lfq", "—[^1]"], ["tiny", "vq", "—[^2]"]]
-    assert "[^2]: rFID of tiny/vq: no Inception weights (vq)" in md and "Autoregressive" not in md
+    assert header == ["tokenizer", "quantizer", "status", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM",
+                      "SSIM (Gaussian 11x11)", "LPIPS", "N img", "utilization (%)", "perplexity", "N tokens"]
+    assert [r[:2] + r[5:6] for r in rows] == [["tiny", "lfq", "— (1)"], ["tiny", "vq", "— (2)"]]
+    assert "2. rFID of tiny/vq: no Inception weights (vq)" in md and "Autoregressive" not in md
     assert (out / "utilization.png").stat().st_size > 5000 and "(utilization.png)" in md
+    # no run logged rFID: a line in the text says so (with the runs' reasons), not an empty plot
+    assert not (out / "curve_tokenizer_eval_rfid.png").exists() and "curve_tokenizer_eval_rfid" not in md
+    assert ("- rFID: no run logged it (no Inception weights (lfq); no Inception weights (vq)), so no plot." in md)
+    html = (out / "report.html").read_text()
+    assert "no run logged it" in html and not re.search(r"\[\^\d+\]", html)
 
 
 def test_report_no_runs_is_an_error(store, tmp_path, capsys):

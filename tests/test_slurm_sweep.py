@@ -44,6 +44,22 @@ def test_2x2_sweep_on_slurm_then_resubmission_trains_nothing(root):
         ("k6_12", "n_intra=0"), ("k6_12", "n_intra=1"), ("k9_9", "n_intra=0"), ("k9_9", "n_intra=1")]
     assert all(r.info.status == "FINISHED" and r.data.tags["magvit2.slurm_job_id"] for r in kids)
     assert all("val/loss" in r.data.metrics for r in kids)
+    # the job tag is the array form the status table shows (18_0), as status.json records it
+    assert sorted(r.data.tags["magvit2.slurm_job_id"] for r in kids) == sorted(s["slurm_job_id"] for s in st)
+    assert all("_" in s["slurm_job_id"] for s in st)
+    # the shared tokenizer: named for what it is, no empty parent run left RUNNING in its experiment
+    (tok_dir,) = [d for d in (root / "runs" / "tokenizer").iterdir() if d.is_dir()]
+    tok_runs = client.search_runs([client.get_experiment_by_name("magvit2-tokenizer").experiment_id])
+    assert [r.info.run_name for r in tok_runs] == [f"tokenizer tiny-lfq {tok_dir.name}"]
+    assert "mlflow.parentRunId" not in tok_runs[0].data.tags
+    # the blocking sweep's summary, on the console and on the parent run
+    out = p.stdout + p.stderr
+    assert "winner by val/loss" in out and "device-hours" in out and "over 5 runs" in out, out[-3000:]
+    sweep_doc = json.loads(next((root / "sweeps").iterdir()).joinpath("sweep.json").read_text())
+    summary = client.get_run(sweep_doc["parent_run_id"])
+    assert summary.data.tags["magvit2.best.metric"] == "val/loss" and summary.data.metrics["sweep/device_hours"] > 0
+    assert "factorization = k6_12, k9_9 x model.n_intra = 0, 1" in summary.data.tags["mlflow.note.content"]
+    assert {"results.csv", "results.md"} <= {a.path for a in client.list_artifacts(sweep_doc["parent_run_id"])}
 
     # the status command reconnects from the sweep id alone
     sid = next(iter((root / "sweeps").iterdir())).name

@@ -201,3 +201,45 @@ def test_check_server_names_what_to_change_for_a_dead_server():
     assert uri in msg and "Connection refused" in msg and "MLFLOW_TRACKING_URI" in msg and "tracking.uri" in msg, msg
     assert took < 15, took  # MLflow's own client retries a dead server for minutes
     tracking.check_server(f"sqlite:///{time.time()}.db")  # local stores: nothing to check
+
+
+def _member_cfg(root: Path, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    import magvit2.train  # noqa: F401  (its resolvers)
+    repo = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(str(repo / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.root={root}", "sweep.id=sw1", "+sweep.member=k6_12-tiny",
+                                            *overrides])
+
+
+def test_a_sweep_member_and_the_tokenizer_it_trains_first(sqlite_root, monkeypatch):
+    """The tokenizer an AR member trains first is named for what it is, tagged with the sweep but nested under no
+    (empty, forever RUNNING) parent run; both carry the SLURM job in the array form squeue shows (18_0, not 19)."""
+    from omegaconf import OmegaConf
+
+    from magvit2.runs import RunDir
+    from magvit2.runtime.tracker import open_member_run
+    root = str(sqlite_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
+    for k, v in {"SLURM_JOB_ID": "19", "SLURM_ARRAY_JOB_ID": "18", "SLURM_ARRAY_TASK_ID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    parent = ensure_sweep_run(EXP, root, "sw1", "ar", "factorization=k6_12,k9_9", 2)
+    cfg = _member_cfg(sqlite_root, f"+sweep.parent_run_id={parent}", "+sweep.stage=ar")
+    runs = {}
+    for stage in ("tokenizer", "ar"):  # as stages/pipeline.py runs them: the tokenizer with stage=tokenizer merged
+        c = OmegaConf.merge(cfg, {"stage": stage})
+        rd = RunDir.of(c)
+        tr = open_member_run(c, stage, rd, 1, None)
+        tr.end()
+        runs[stage] = (tr.client.get_run(tr.run_id), rd)
+        assert rd.read_status()["opened"]  # the wall clock behind the sweep's device-hours
+    (tok, tok_dir), (ar, _) = runs["tokenizer"], runs["ar"]
+    assert tok.info.run_name == f"tokenizer tiny-lfq {tok_dir.signature}"
+    assert "mlflow.parentRunId" not in tok.data.tags and tok.data.tags["magvit2.sweep_id"] == "sw1"
+    client = MlflowClient(tracking.tracking_uri(root))
+    tok_exp = client.get_experiment_by_name("magvit2-tokenizer").experiment_id
+    assert not client.search_runs([tok_exp], "tags.`magvit2.kind` = 'sweep'")  # no empty parent run there
+    assert ar.info.run_name == "k6_12-tiny" and ar.data.tags["mlflow.parentRunId"] == parent
+    assert tok.data.tags["magvit2.slurm_job_id"] == ar.data.tags["magvit2.slurm_job_id"] == "18_0"
+    assert RunDir(ar.data.tags["magvit2.run_dir"]).read_status()["slurm_job_id"] == "18_0"  # as the status table

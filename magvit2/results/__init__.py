@@ -1,8 +1,8 @@
 """MLflow runs -> typed pandas tables and plots for the ablation reports (used by analysis/*.py notebooks)."""
 
 from magvit2.results.loaders import MODEL_ORDER, bits_of, load_history, load_runs, resolve_uri
-from magvit2.results.plots import plot_curves, plot_scaling, plot_utilization
+from magvit2.results.plots import missing_note, plot_curves, plot_scaling, plot_utilization
 from magvit2.results.tables import ar_table, to_markdown, tokenizer_table
 
-__all__ = ["MODEL_ORDER", "bits_of", "load_history", "load_runs", "resolve_uri", "plot_curves", "plot_scaling",
-           "plot_utilization", "ar_table", "to_markdown", "tokenizer_table"]
+__all__ = ["MODEL_ORDER", "bits_of", "load_history", "load_runs", "resolve_uri", "missing_note", "plot_curves",
+           "plot_scaling", "plot_utilization", "ar_table", "to_markdown", "tokenizer_table"]

@@ -18,65 +18,82 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
 
 # axis labels that say what a metric is (the in-loop FID is not the paper's 50k-sample gFID)
 LABELS = {"eval/fid": "FID (in-loop: samples vs val images)", "eval/is": "IS (in-loop samples)",
-          "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)"}
+          "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)",
+          "eval/psnr": "PSNR (dB)", "eval/utilization": "codebook utilization (%)", "eval/rfid": "rFID",
+          "val/loss": "val loss (nats, sum over sub-tokens)", "train/loss": "train loss"}
 
 
-def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=9)
+def _series(run_name, model) -> str:
+    """A run's line in a scaling plot: its member name without the model size ('k6_12-B' -> 'k6_12'), so the sizes
+    of one setting form one line and members differing in anything else (n_intra, seed) get lines of their own."""
+    parts = [p for p in str(run_name).split("-") if p != str(model)]
+    return "-".join(parts) or str(run_name)
 
 
-def plot_scaling(df: pd.DataFrame, metric: str, path: str | Path | None = None,
-                 x: str = "derived.params") -> Figure:
-    """`metric` against model parameters (log x), one line per factorization, points labelled by model."""
+def plot_scaling(df: pd.DataFrame, metric: str, path: str | Path | None = None) -> Figure | None:
+    """`metric` against the model size, by name in size order (tiny < B < L < XL: the parameter count would put
+    two tiny models far apart, it includes the 2^K-way output head), one line per member setting. None (and no
+    file) when no run logged the metric: say so in the text instead (`missing_note`)."""
+    have = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
+    have = have[have["model"].notna()] if "model" in have else have.iloc[:0]
+    if have.empty:
+        return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    have = df.dropna(subset=[c for c in (x, metric) if c in df]) if {x, metric} <= set(df.columns) else df.iloc[:0]
-    for fac, g in have.groupby("factorization", observed=True, sort=True):
-        g = g.sort_values(x)
-        ax.plot(g[x], g[metric], marker="o", label=str(fac))
-        for _, r in g.iterrows():
-            ax.annotate(str(r["model"]), (r[x], r[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    sizes = [m for m in df["model"].cat.categories if m in set(have["model"])]
+    groups = list(have.groupby(have.apply(lambda r: _series(r["run_name"], r["model"]), axis=1), sort=True))
+    for j, (name, g) in enumerate(groups):
+        # lines of the same size sit side by side around its tick, not on top of each other
+        dx = (j - (len(groups) - 1) / 2) * min(0.08, 0.4 / max(len(groups), 1))
+        g = g.sort_values("model")
+        ax.plot([sizes.index(m) + dx for m in g["model"]], g[metric], marker="o", label=name)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
     gone = [f"{r['run_name']}: {r['missing'][metric]}" for _, r in df.iterrows()
             if isinstance(r.get("missing"), dict) and metric in r["missing"]]
     if gone:  # say which points are absent and why, rather than letting them vanish
         fig.text(0.01, -0.02, "missing: " + "; ".join(gone), fontsize=7, va="top", wrap=True)
-    if have.empty:
-        _note(ax, f"no values of {metric}")
-    else:
-        ax.set_xscale("log")
-        ax.legend(title="factorization", fontsize=8)
-    ax.set_xlabel("parameters" if x == "derived.params" else x)
+    ax.legend(fontsize=8)
+    ax.set_xlabel("model size")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(f"{LABELS.get(metric, metric)} vs model size")
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
 
-def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None) -> Figure:
-    """History of one metric, one line per run (long frame from `load_history`)."""
+def missing_note(df: pd.DataFrame, key: str) -> str:
+    """The report's line for a metric no run logged (no plot is drawn for it), with the reasons the runs gave."""
+    why = sorted({r["missing"][key] for _, r in df.iterrows()
+                  if isinstance(r.get("missing"), dict) and key in r["missing"]})
+    return f"{LABELS.get(key, key)}: no run logged it" + (f" ({'; '.join(why)})" if why else "") + ", so no plot."
+
+
+def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None, scale: float = 1.0,
+                label: str | None = None) -> Figure | None:
+    """History of one metric (x scale), one line per run (long frame from `load_history`). None (and no file) when
+    no run logged it: say so in the text instead (`missing_note`)."""
+    h = hist[hist["key"] == key]
+    if h.empty:
+        return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    h = hist[hist["key"] == key]
     for (rid, name), g in h.groupby(["run_id", "run_name"], sort=False):
         # markers: a metric logged only at the end is one point, which a bare line would not draw at all
-        ax.plot(g["step"], g["value"], label=str(name or rid[:8]), marker="o" if len(g) <= 50 else None,
+        ax.plot(g["step"], g["value"] * scale, label=str(name or rid[:8]), marker="o" if len(g) <= 50 else None,
                 markersize=4)
-    if h.empty:
-        _note(ax, f"no history of {key}")
-    else:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel(LABELS.get(key, key))
-    ax.set_title(LABELS.get(key, key))
+    ax.set_ylabel(label or LABELS.get(key, key))
+    ax.set_title(label or LABELS.get(key, key))
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
 
-def plot_utilization(hist: pd.DataFrame, path: str | Path | None = None, key: str = "eval/utilization") -> Figure:
-    """Codebook utilization (fraction of codes used) over training, one line per run; collapse shows as a drop."""
-    fig = plot_curves(hist, key)
-    ax = fig.axes[0]
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("codebook utilization")
-    ax.set_title("codebook utilization")
-    return _finish(fig, path)
+def plot_utilization(hist: pd.DataFrame, path: str | Path | None = None,
+                     key: str = "eval/utilization") -> Figure | None:
+    """Codebook utilization (% of codes used, as the training summary prints it) over training, one line per run;
+    collapse shows as a drop. None when no run logged it."""
+    fig = plot_curves(hist, key, scale=100, label="codebook utilization (%)")
+    if fig is not None:
+        fig.axes[0].set_ylim(0, 105)
+    return _finish(fig, path) if fig is not None else None

@@ -9,12 +9,18 @@ import pandas as pd
 
 # Each metric with its N: "N img" (val images behind rFID/PSNR/SSIM/LPIPS), "N tokens" (codes behind utilization
 # and perplexity), "N samples" / "N val img" (the in-loop FID: samples vs validation images, not the paper's 50k
-# gFID protocol). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian one says so.
-TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR": "eval/psnr", "SSIM": "eval/ssim_skimage",
+# gFID protocol). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian one says so. Units in
+# the names; utilization in percent, as the training summary prints it.
+TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR (dB)": "eval/psnr", "SSIM": "eval/ssim_skimage",
                      "SSIM (Gaussian 11x11)": "eval/ssim", "LPIPS": "eval/lpips", "N img": "eval/n_images",
-                     "utilization": "eval/utilization", "perplexity": "eval/perplexity", "N tokens": "eval/n_tokens"}
+                     "utilization (%)": "eval/utilization", "perplexity": "eval/perplexity",
+                     "N tokens": "eval/n_tokens"}
 AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N val img": "eval/n_real",
-              "val loss": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k" per sub-token, params
+              "val loss (nats)": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k (nats)", params
+PERCENT = {"eval/utilization"}  # fractions shown x100
+# which way is better, for the bold best value of a column
+LOWER_BETTER = ("rFID", "LPIPS", "FID (in-loop)", "val loss")
+HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)")
 MISSING = "—"
 
 
@@ -22,15 +28,20 @@ def _stage(df: pd.DataFrame, stage: str) -> pd.DataFrame:
     return df[df["stage"] == stage] if "stage" in df else df
 
 
-def _table(df: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
-    """Rows keyed by `keys` (+ any other config choice that varies, + run_name if rows still collide)."""
+def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
+    """Rows keyed by `keys` (+ any other config choice that varies, + run_name if rows still collide); status,
+    the stage's scheduled steps and the seed, then `columns`."""
     levels = [k for k in keys if k in df and df[k].notna().any()]
     levels += [c for c in df.columns if c.startswith("choice.") and c[len("choice."):] not in keys
                and df[c].astype(str).nunique() > 1]
     if not levels or df.duplicated(levels).any():
         levels.append("run_name")
-    out = pd.DataFrame({name: (pd.to_numeric(df[col], errors="coerce") if col in df else np.nan)
-                        for name, col in columns.items()}, index=df.index)
+    steps = f"trainer.{stage}.steps"  # every run logs the whole config: both stages' schedules
+    out = pd.DataFrame({"status": df["status"].str.lower() if "status" in df else MISSING,
+                        "steps (schedule)": pd.to_numeric(df[steps], errors="coerce") if steps in df else np.nan,
+                        "seed": pd.to_numeric(df["seed"], errors="coerce") if "seed" in df else np.nan,
+                        **{name: (pd.to_numeric(df[col], errors="coerce") * (100 if col in PERCENT else 1)
+                                  if col in df else np.nan) for name, col in columns.items()}}, index=df.index)
     reasons = {}
     missing_text = []
     for i, miss in zip(df.index, df["missing"] if "missing" in df else [{}] * len(df)):
@@ -48,19 +59,22 @@ def _table(df: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.Dat
 
 
 def tokenizer_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows tokenizer x quantizer; columns TOKENIZER_COLUMNS (metrics with their N), missing (reasons)."""
+    """Rows tokenizer x quantizer; columns status, steps, seed, TOKENIZER_COLUMNS (metrics with their N), missing
+    (reasons)."""
     sub = _stage(df, "tokenizer")
     return _table(sub.assign(tokenizer=sub.get("choice.tokenizer"), quantizer=sub.get("choice.quantizer")),
-                  ["tokenizer", "quantizer"], TOKENIZER_COLUMNS)
+                  "tokenizer", ["tokenizer", "quantizer"], TOKENIZER_COLUMNS)
 
 
 def ar_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows factorization x model; columns AR_COLUMNS, val loss 1..M (per sub-token), params, missing."""
+    """Rows factorization x model; columns status, steps, seed, AR_COLUMNS, val loss 1..M (per sub-token, nats),
+    params (incl. the output head), missing."""
     sub = _stage(df, "ar")
     subs = sorted((int(c.rsplit("_", 1)[1]) for c in sub.columns
                    if c.startswith("val/loss_") and c.rsplit("_", 1)[1].isdigit()))
-    cols = {**AR_COLUMNS, **{f"val loss {k}": f"val/loss_{k}" for k in subs}, "params": "derived.params"}
-    return _table(sub, ["factorization", "model"], cols)
+    cols = {**AR_COLUMNS, **{f"val loss {k} (nats)": f"val/loss_{k}" for k in subs},
+            "params (incl. head)": "derived.params"}
+    return _table(sub, "ar", ["factorization", "model"], cols)
 
 
 def _fmt(v) -> str:
@@ -76,11 +90,25 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _better(column: str) -> str | None:
+    """'min' / 'max' for a column with a better direction, else None (N, params, steps, perplexity, ...)."""
+    if column.startswith(LOWER_BETTER):
+        return "min"
+    return "max" if column in HIGHER_BETTER else None
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """Pipe table; a NaN cell renders as "—", with a footnote giving the reason when one was logged."""
+    """Pipe table; the best value of a metric column in bold (lower or higher, as the metric goes); a NaN cell
+    renders as "—", numbered "— (1)" when a reason was logged, the reasons listed under the table (plain Markdown,
+    no footnote syntax: it renders the same in report.md and report.html)."""
     reasons = table.attrs.get("missing", {})
     names = [n or "" for n in table.index.names]
     cols = [c for c in table.columns if c != "missing"]
+    best = {}
+    for c in cols:
+        vals = pd.to_numeric(table[c], errors="coerce")
+        if _better(c) and vals.notna().sum() > 1:
+            best[c] = getattr(vals, _better(c))()
     lines = ["| " + " | ".join(names + cols) + " |", "|" + "---|" * (len(names) + len(cols))]
     notes: list[str] = []
     for key, row in table.iterrows():
@@ -90,8 +118,10 @@ def to_markdown(table: pd.DataFrame) -> str:
             text = _fmt(row[c])
             why = reasons.get((key, c))
             if text == MISSING and why:
-                notes.append(f"[^{len(notes) + 1}]: {c} of {'/'.join(map(str, keys))}: {why}")
-                text += f"[^{len(notes)}]"
+                notes.append(f"{len(notes) + 1}. {c} of {'/'.join(map(str, keys))}: {why}")
+                text += f" ({len(notes)})"
+            elif c in best and row[c] == best[c]:
+                text = f"**{text}**"
             cells.append(text.replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + (["", "Missing values:", ""] + notes if notes else [])) + "\n"

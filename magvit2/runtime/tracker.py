@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,15 +19,18 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
     from magvit2 import tracking
     root = str(cfg.paths.root)
     run_id = (ckpt or {}).get("mlflow_run_id") or run.read_status().get("mlflow_run_id")
-    sweep = cfg.sweep.id if stage == cfg.stage else None  # a dependency run is not a sweep member
+    # the sweep's members run its stage (sweep.stage, set by the sweeper); a tokenizer trained first for them is
+    # shared: tagged with the sweep (its report shows it) but not nested under a parent run of its own experiment
+    member = stage == (cfg.sweep.get("stage") or cfg.stage)
+    sweep = cfg.sweep.id
     tags = {tracking.OVERRIDES: " ".join(_task_overrides()), tracking.GIT_SHA: git_sha(),
             tracking.SLURM_JOB_ID: slurm_job_id(), tracking.HOST: socket.gethostname(),
             tracking.RUN_DIR: str(run.path), tracking.WORLD_SIZE: str(world_size)}
-    if sweep and cfg.sweep.get("parent_run_id"):
+    if sweep and member and cfg.sweep.get("parent_run_id"):
         tags[tracking.PARENT_RUN_ID] = cfg.sweep.parent_run_id
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, cfg.tracking.uri))
     tracker = tracking.MemberRun(f"{cfg.tracking.experiment_prefix}-{stage}", root, stage, run.signature,
-                                 _run_name(cfg, stage), tags, sweep, run_id=run_id)
+                                 _run_name(cfg, stage, run, member), tags, sweep, run_id=run_id, nested=member)
     try:
         # Also on resume: MemberRun adds only params not logged yet (write-once), so a run that died between run
         # creation and its params still gets them, and one that logged them is left as it was.
@@ -40,7 +44,32 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
         raise
     # from here on a dead server never holds the loop up: writes wait in the run dir's spool (metrics.jsonl)
     tracker.go_live(run.spool)
+    start_clock(run)
     return tracker
+
+
+_CLOCK = "%Y-%m-%d %H:%M:%S"  # the format of status.json's `updated` (magvit2.runs.RunDir.write_status)
+
+
+def clock_seconds(text: str | None) -> float | None:
+    """A status.json time stamp (local time of the writing host) as epoch seconds; None if absent or unreadable."""
+    try:
+        return time.mktime(time.strptime(text, _CLOCK))
+    except (TypeError, ValueError):
+        return None
+
+
+def run_seconds(status: dict) -> float:
+    """A run's training wall time from its status.json: earlier attempts (wall_s_before) + the current or last one
+    (from its opening to the last status write). Time queued or waiting for a lock is not in it."""
+    start, end = clock_seconds(status.get("opened")), clock_seconds(status.get("updated"))
+    last = end - start if start is not None and end is not None else 0.0
+    return float(status.get("wall_s_before") or 0.0) + max(last, 0.0)
+
+
+def start_clock(run: RunDir) -> None:
+    """Start this attempt's wall clock in status.json (the sweep's device-hours), keeping earlier attempts' seconds."""
+    run.write_status(wall_s_before=run_seconds(run.read_status()), opened=time.strftime(_CLOCK))
 
 
 def git_sha() -> str:
@@ -59,7 +88,15 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def _run_name(cfg: DictConfig, stage: str) -> str:
-    if stage == cfg.stage and cfg.sweep.get("member"):
+def tokenizer_run_name(cfg: DictConfig, signature: str) -> str:
+    """What a tokenizer run trained for others is: 'tokenizer tiny-lfq <signature>', never a member's name."""
+    ch = C.choices(cfg)
+    return f"tokenizer {ch['tokenizer']}-{ch['quantizer']} {signature}"
+
+
+def _run_name(cfg: DictConfig, stage: str, run: RunDir, member: bool) -> str:
+    if member and cfg.sweep.get("member"):
         return str(cfg.sweep.member)
+    if stage == "tokenizer":
+        return tokenizer_run_name(cfg, run.signature)
     return C.member_name(OmegaConf.merge(cfg, {"stage": stage}))

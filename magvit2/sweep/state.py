@@ -1,40 +1,51 @@
 """Sweep state on disk: what a status table or a dedup check reads (run dirs: magvit2.runs).
 
-sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir) and the SLURM job ids they were sent as
+sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir, the shared tokenizer run they train first),
+                        the swept axes and the SLURM job ids the members were sent as
 
 A sweep table adds what only the SLURM queue knows: queued (job waits), starting (job runs, run not open yet),
 died (job left the queue unfinished: killed, out of memory, node failure), stopped (preempted, not requeued;
-resubmitting the sweep resumes it).
+resubmitting the sweep resumes it); and what the shared tokenizer's run dir and lock say: waiting (the member's
+job waits for the tokenizer another member trains).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from magvit2 import config as C
 from magvit2.runs import RunDir, atomic_write_text, read_json
+from magvit2.runtime.tracker import tokenizer_run_name
+
+_RECORDED = ("member", "overrides", "stage", "signature", "run_dir", "steps", "tokenizer")
 
 
 def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
     rd = RunDir.of(cfg)
     st = rd.read_status()
-    return {"member": C.member_name(cfg), "overrides": [o for o in overrides if not o.startswith("sweep.")],
-            "stage": cfg.stage, "signature": rd.signature, "run_dir": str(rd), "state": st["state"],
-            "step": st.get("step", 0), "steps": int(cfg.trainer[cfg.stage].steps), "metrics": st.get("metrics", {}),
-            "slurm_job_id": st.get("slurm_job_id")}
+    row = {"member": C.member_name(cfg), "overrides": [o for o in overrides if not o.startswith("sweep.")],
+           "stage": cfg.stage, "signature": rd.signature, "run_dir": str(rd), "state": st["state"],
+           "step": st.get("step", 0), "steps": int(cfg.trainer[cfg.stage].steps), "metrics": st.get("metrics", {}),
+           "slurm_job_id": st.get("slurm_job_id")}
+    if cfg.stage == "ar" and cfg.tokens.tokenizer in (None, "auto"):  # trained first (once) by whichever job locks it
+        tok = RunDir.of(cfg, "tokenizer")
+        row["tokenizer"] = {"name": tokenizer_run_name(cfg, tok.signature), "run_dir": str(tok),
+                            "steps": int(cfg.trainer.tokenizer.steps)}
+    return row
 
 
 def write_sweep(sweep_dir: Path, sid: str, arguments: list[str], rows: list[dict], parent_run: str,
-                hydra_dir: str, launcher: str, tracking_uri: str) -> None:
+                hydra_dir: str, launcher: str, tracking_uri: str, axes: dict | None = None) -> None:
     old = read_json(Path(sweep_dir) / "sweep.json", {}) or {}
     doc = {"id": sid, "arguments": arguments, "parent_run_id": parent_run, "tracking_uri": tracking_uri,
            "launcher": launcher, "hydra_dirs": sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}),
-           "jobs": old.get("jobs", {}),
-           "members": [{k: r[k] for k in ("member", "overrides", "stage", "signature", "run_dir", "steps")}
-                       for r in rows]}
+           "jobs": old.get("jobs", {}), "axes": axes or old.get("axes", {}), "submitted": time.time(),
+           "members": [{k: r[k] for k in _RECORDED if k in r} for r in rows]}
     atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
 
 
@@ -94,31 +105,82 @@ def refresh(sweep_dir: Path) -> list[dict]:
                      metrics=now.get("metrics", {}))
     for r in rows:
         del r["_jobs"]
+    _mark_waiting(rows)
     return rows
+
+
+def _locked(run_dir: str) -> bool:
+    """Whether a process holds the run dir's lock (<run dir>.lock) right now."""
+    try:
+        with open(str(run_dir) + ".lock") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with the trainer's exclusive lock only
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:  # no lock file: nobody ever trained it
+        return False
+
+
+def shared_rows(rows: list[dict]) -> list[dict]:
+    """One row per shared tokenizer run the members train first, from its run dir and lock: state, step, steps/s,
+    the job that trains it."""
+    out = []
+    for tok in {r["tokenizer"]["run_dir"]: r["tokenizer"] for r in rows if r.get("tokenizer")}.values():
+        st = RunDir(tok["run_dir"]).read_status()
+        state = st["state"]
+        if state in ("new", "partial", "preempted") and _locked(tok["run_dir"]):
+            state = "starting"  # a job holds its lock and has not opened the run yet
+        out.append({"member": tok["name"], "stage": "tokenizer", "signature": Path(tok["run_dir"]).name,
+                    "run_dir": tok["run_dir"], "state": state, "step": st.get("step", 0),
+                    "steps": st.get("steps") or tok["steps"], "steps_per_s": st.get("steps_per_s"),
+                    "metrics": st.get("metrics", {}), "slurm_job_id": st.get("slurm_job_id")})
+    return out
+
+
+def _mark_waiting(rows: list[dict]) -> None:
+    """Members whose job has not opened their run while their tokenizer trains: `waiting`, and which one they wait
+    for (the member whose job trains it says so instead)."""
+    busy = {t["run_dir"]: t for t in shared_rows(rows) if t["state"] in ("starting", "running")}
+    for r in rows:
+        t = busy.get((r.get("tokenizer") or {}).get("run_dir"))
+        if t is None or r["state"] not in ("new", "partial", "starting"):
+            continue
+        if t.get("slurm_job_id") and t["slurm_job_id"] == r.get("slurm_job_id"):
+            r["note"] = f"training tokenizer {t['signature']}"
+        else:
+            r.update(state="waiting", note=f"waiting for tokenizer {t['signature']}")
+
+
+def _value(key: str, v: float) -> str:
+    # utilization in percent everywhere (the run's summary, the report): 1.18%, not 0.0118
+    return f"{v:.2%}" if "utilization" in key else f"{v:.4g}"
 
 
 def _short(metrics: dict, n: int = 4) -> str:
     """A few metrics with their prefix kept (train/ while running, eval/ and val/ once finished)."""
     keys = [k for k in metrics if k.startswith(("eval/", "val/loss"))][:n] or list(metrics)[:n]
-    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics[k], (int, float)))
+    return " ".join(f"{k}={_value(k, metrics[k])}" for k in keys if isinstance(metrics[k], (int, float)))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def format_members(rows: list[dict], title: str = "") -> str:
+    """The member table; a shared tokenizer the members train first gets its own row (#: tok) above them."""
     from tabulate import tabulate
     table = []
-    for i, r in enumerate(rows):
+    for i, r in [("tok", t) for t in shared_rows(rows)] + list(enumerate(rows)):
         step = f"{r.get('step', 0)}/{r['steps']}" if r.get("steps") else r.get("step", 0)
         rate, eta = r.get("steps_per_s"), ""
         if rate and r["state"] == "running" and r.get("steps"):
-            eta = _duration((r["steps"] - r.get("step", 0)) / rate)
+            eta = duration((r["steps"] - r.get("step", 0)) / rate)
         table.append([i, r["member"], r["state"], step, f"{rate:.3g}" if rate else "", eta,
-                      _short(r.get("metrics", {})), r.get("slurm_job_id") or "", r["run_dir"]])
+                      r.get("note") or _short(r.get("metrics", {})), r.get("slurm_job_id") or "", r["run_dir"]])
     out = tabulate(table, headers=["#", "member", "state", "step", "steps/s", "ETA", "last metrics", "slurm job",
                                    "run dir"])
     return f"{title}\n{out}" if title else out
@@ -128,21 +190,28 @@ def format_members(rows: list[dict], title: str = "") -> str:
 KEY_METRICS = (("eval/fid", True), ("val/loss", True), ("eval/rfid", True), ("eval/psnr", False))
 
 
-def winner_line(rows: list[dict]) -> str | None:
-    """'winner by <key>: <member> (<value> vs <runner-up> <value>, <delta>)' over the finished members."""
+def ranked(rows: list[dict]) -> tuple[str, bool, list[dict]] | None:
+    """(key metric, lower is better, finished members best first) for the first KEY_METRICS key they logged."""
     done = [r for r in rows if r["state"] == "finished"]
     for key, lower in KEY_METRICS:
         have = [r for r in done if isinstance(r.get("metrics", {}).get(key), (int, float))]
-        if not have:
-            continue
-        have.sort(key=lambda r: r["metrics"][key], reverse=not lower)
-        best = have[0]
-        line = f"winner by {key} ({'lower' if lower else 'higher'} is better): {best['member']} " \
-               f"{best['metrics'][key]:.4g}"
-        if len(have) > 1:
-            second = have[1]
-            d = best["metrics"][key] - second["metrics"][key]
-            rel = f", {d / abs(second['metrics'][key]):+.1%}" if second["metrics"][key] else ""
-            line += f" vs {second['member']} {second['metrics'][key]:.4g} ({d:+.4g}{rel}; n = 1 seed each)"
-        return line
+        if have:
+            return key, lower, sorted(have, key=lambda r: r["metrics"][key], reverse=not lower)
     return None
+
+
+def winner_line(rows: list[dict]) -> str | None:
+    """'winner by <key>: <member> (<value> vs <runner-up> <value>, <delta>)' over the finished members."""
+    rank = ranked(rows)
+    if rank is None:
+        return None
+    key, lower, have = rank
+    best = have[0]
+    line = f"winner by {key} ({'lower' if lower else 'higher'} is better): {best['member']} " \
+           f"{best['metrics'][key]:.4g}"
+    if len(have) > 1:
+        second = have[1]
+        d = best["metrics"][key] - second["metrics"][key]
+        rel = f", {d / abs(second['metrics'][key]):+.1%}" if second["metrics"][key] else ""
+        line += f" vs {second['member']} {second['metrics'][key]:.4g} ({d:+.4g}{rel}; n = 1 seed each)"
+    return line

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from magvit2.runs import read_json
-from magvit2.sweep import state
+from magvit2.sweep import state, summary
 
 
 def find_sweep(ref: str, root: Path) -> Path:
@@ -52,7 +52,8 @@ def close_parent_run(sweep_dir: Path, rows: list[dict]) -> str | None:
         return None
     from magvit2 import tracking
     status = "FINISHED" if all(r["state"] == "finished" for r in rows) else "FAILED"
-    tracking.end_if_running(doc["parent_run_id"], status, doc["tracking_uri"])
+    if tracking.end_if_running(doc["parent_run_id"], status, doc["tracking_uri"]):  # once, by whoever closes it
+        summary.record(sweep_dir, rows, summary.wall_since_submission(sweep_dir, rows))
     return status
 
 
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
         closed = None
     if closed:
         print(f"sweep ended: MLflow parent run {closed}")
+    if all(r["state"] in state.ENDED for r in rows):  # the summary a blocking sweep prints at its end
+        wall = summary.wall_since_submission(sweep_dir, rows)
+        print("\n".join(line for line in (state.winner_line(rows), summary.usage_line(wall, rows)) if line))
     if a.tail:
         logs = member_logs(rows[a.member], a.root)
         if not logs:

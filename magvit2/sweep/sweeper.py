@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 
 from magvit2 import config as C
-from magvit2.sweep import state
+from magvit2.sweep import state, summary
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Magvit2Sweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         arguments = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        members, rows = plan(self.hydra_context.config_loader, self.config, arguments)
+        members, rows, axes = plan(self.hydra_context.config_loader, self.config, arguments)
         sid = self.config.sweep.id or sweep_id_for(rows)
         dry = bool(self.config.get("dry_run", False))
         sweep_dir = Path(self.config.paths.root) / "sweeps" / sid
@@ -73,7 +73,7 @@ class Magvit2Sweeper(Sweeper):
         if dry:
             return []
         todo = dedup(members, rows)
-        parent = open_sweep(self.config, self.launcher, sweep_dir, sid, arguments, rows)
+        parent = open_sweep(self.config, self.launcher, sweep_dir, sid, arguments, rows, axes)
         root = str(self.config.paths.root)
         results = launch(self.launcher, sweep_dir, sid, parent, todo, self.max_batch_size)
         if todo and getattr(self.launcher, "detach", False):
@@ -88,12 +88,13 @@ class Magvit2Sweeper(Sweeper):
         return results
 
 
-def plan(loader, config, arguments: List[str]) -> tuple[List[List[str]], List[dict]]:
-    """Every member's overrides and table row (signature, run dir, state), composed and validated; exits with one
-    message naming every bad member before anything starts."""
+def plan(loader, config, arguments: List[str]) -> tuple[List[List[str]], List[dict], Dict[str, List[str]]]:
+    """Every member's overrides and table row (signature, run dir, state), composed and validated, and the swept
+    axes ({key: values}); exits with one message naming every bad member before anything starts."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-    swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    axes = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    swept = set(axes)
     members = [list(m) for m in BasicSweeper.split_arguments(parsed, None)[0]]
     rows, errors = [], []
     for i, ov in enumerate(members):
@@ -110,7 +111,7 @@ def plan(loader, config, arguments: List[str]) -> tuple[List[List[str]], List[di
     if errors:
         print("error: the sweep was not started; fix these members:\n" + "\n".join(errors), file=sys.stderr)
         sys.exit(2)
-    return members, rows
+    return members, rows, axes
 
 
 def dedup(members: List[List[str]], rows: List[dict]) -> List[tuple]:
@@ -126,7 +127,8 @@ def dedup(members: List[List[str]], rows: List[dict]) -> List[tuple]:
     return todo
 
 
-def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str], rows: List[dict]) -> str:
+def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str], rows: List[dict],
+               axes: Dict[str, List[str]]) -> str:
     """The sweep's MLflow parent run (checked server first) and its sweep.json record; returns the parent run id."""
     from magvit2 import tracking  # mlflow import only when something is launched
     root, stage = str(config.paths.root), str(config.stage)
@@ -140,7 +142,7 @@ def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str]
                                        " ".join(arguments), len(rows))
     kind = getattr(launcher, "_EXECUTOR", "basic")  # submitit launchers: "slurm" | "local"
     state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(config.hydra.sweep.dir), kind,
-                      os.environ["MLFLOW_TRACKING_URI"])
+                      os.environ["MLFLOW_TRACKING_URI"], axes)
     return parent
 
 
@@ -149,7 +151,8 @@ def launch(launcher, sweep_dir: Path, sid: str, parent: str, todo: List[tuple], 
     marked FAILED if submission fails."""
     from magvit2 import tracking
     extra = [f"sweep.id='{sid}'", f"+sweep.parent_run_id='{parent}'"]  # quoted: hex ids can parse as numbers
-    jobs = [m + extra + [f"+sweep.member='{r['member']}'"] for m, r in todo]
+    # sweep.stage: a member's run of another stage (the tokenizer it trains first) is shared, not a member
+    jobs = [m + extra + [f"+sweep.member='{r['member']}'", f"+sweep.stage={r['stage']}"] for m, r in todo]
     results = []
     n = batch or len(jobs) or 1
     try:
@@ -176,13 +179,19 @@ def close(sweep_dir: Path, sid: str, parent: str, results: list, root: str) -> N
         print(f"follow with: python -m magvit2.sweep status {sid} --root {root} --wait")
     else:
         failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
+        wall = time.monotonic() - _T0
+        try:  # the results stand without their MLflow copy
+            summary.record(sweep_dir, final, wall)
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: the sweep's summary was not written to its MLflow parent run: {type(e).__name__}: {e}",
+                  file=sys.stderr)
         tracking.finish_sweep_run(parent, "FAILED" if failed else "FINISHED")
         print(state.format_members(final, title=f"sweep {sid}: results"))
         win = state.winner_line(final)
         if win:
             print(win)
-        print(f"wall time {time.strftime('%H:%M:%S', time.gmtime(time.monotonic() - _T0))}; next: "
-              f"python -m magvit2.report --sweep {sid}")
+        print(summary.usage_line(wall, final))
+        print(f"next: python -m magvit2.report --sweep {sid}")
 
 
 def _overlay_earlier_jobs(sweep_dir: Path, rows: List[dict]) -> None:
