@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's noteb
 from IPython.display import Image, Markdown, display
 
 from magvit2.results import (ar_table, load_history, load_runs, missing_note, plot_curves, plot_scaling,
-                              plot_utilization, resolve_uri, to_markdown, tokenizer_table)
+                              plot_utilization, reference_table, resolve_uri, to_markdown, tokenizer_table)
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,12 @@ if len(tok):
 if len(ar):
     sections.append("### Autoregressive generators (factorization x model)\n\nFID (in-loop): N samples vs N val "
                     "images, not the paper's 50k-sample gFID.\n\n" + to_markdown(ar_table(ar)))
+# reference rows: released weights evaluated with `python -m magvit2.evaluate` in the same store
+refs = load_runs(tracking_uri=tracking_uri, reference=True)
+for stage, what in (("tokenizer", "tokenizers"), ("ar", "generators")):
+    if len(refs) and (refs["stage"] == stage).any() and (stage == "tokenizer" and len(tok) or stage == "ar" and len(ar)):
+        sections.append(f"### Reference rows: released {what} (`python -m magvit2.evaluate`, the paper's protocol "
+                        f"at its N)\n\n" + to_markdown(reference_table(refs, stage)))
 tables_md = "\n".join(sections)
 (out / "tables.md").write_text(tables_md)
 display(Markdown(tables_md))

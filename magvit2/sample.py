@@ -1,6 +1,7 @@
 """Sample from a trained AR run: `python -m magvit2.sample RUN_DIR [--per-class N] [--classes 0 1 ..]
 [--cfg-scale 1.9 2.0] [--temperature 1.0 1.0] [--top-k K] [--top-p P] [--seed S] [--out DIR]`.
 
+RUN_DIR may also be its checkpoint.pt or a released Open-MAGVIT2 AR .ckpt (sampling settings: conf/sampling/<size>).
 Writes samples.png (a grid, one row per class) and samples.npz (ADM-evaluator layout) into --out.
 """
 from __future__ import annotations
@@ -10,82 +11,83 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dir", type=Path, help="an AR run dir (outputs/runs/ar/<signature>)")
+    ap.add_argument("run_dir", type=Path, help="an AR run dir (outputs/runs/ar/<signature>), its checkpoint.pt or a "
+                    "released Open-MAGVIT2 AR .ckpt")
     ap.add_argument("--per-class", type=int, default=None)
     ap.add_argument("--classes", type=int, nargs="*", default=None, help="default: all classes")
+    add_sampling_args(ap)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
+    a = ap.parse_args(argv)
+    bad = check_args(a)  # before any loading: a typo fails at once
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
+
+    from magvit2 import config as C  # (also registers resolvers)
+    from magvit2.evaluate.sources import load_ar_source, sampling_settings
+    from magvit2.metrics import export_adm_npz
+    from magvit2.metrics.grids import as_numpy_uint8
+    from magvit2.stages.generate import class_labels, grid_title, sample_images, save_sample_grid
+
+    try:  # every file is loaded with weights_only=True: a checkpoint must never run code
+        model, tokenizer, src = load_ar_source(a.run_dir)
+        s = sampling_settings(src, a)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.per_class is not None:
+        s.per_class = a.per_class
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    tokenizer.to(device)
+    num_classes = model.cfg.num_classes
+    classes = a.classes if a.classes is not None else list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        print(f"error: --classes {bad} out of range: this model has {num_classes} classes", file=sys.stderr)
+        return 2
+    labels = torch.tensor(classes).repeat_interleave(s.per_class) if a.classes is not None else \
+        class_labels(num_classes, s.per_class)
+    images = sample_images(model, tokenizer, labels, s, s.seed, s.batch_size, device)
+    p = a.run_dir
+    out = a.out or (p / f"samples-{s.seed}" if p.is_dir() else p.parent / f"{src.name}-samples-{s.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    from magvit2.data.images import class_names
+    names = class_names(src.config.data) if src.config is not None else None
+    grid_path = save_sample_grid(images, s.per_class, out / "samples.png", classes=classes, names=names,
+                                 title=grid_title(s, src.step))
+    export_adm_npz(as_numpy_uint8(images), out / "samples.npz")
+    print(f"{len(images)} samples (step {src.step}): {grid_path} and {out / 'samples.npz'}")
+    return 0
+
+
+def add_sampling_args(ap) -> None:
+    """The flags that override a model's sampling settings (also `python -m magvit2.evaluate ar`'s)."""
     ap.add_argument("--cfg-scale", type=float, nargs="*", default=None, help="one value, or one per sub-token")
     ap.add_argument("--temperature", type=float, nargs="*", default=None)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
-    a = ap.parse_args(argv)
-    bad = _check_args(a)  # before any loading: a typo fails at once
-    if bad:
-        print(f"error: {bad}", file=sys.stderr)
-        return 2
 
-    from magvit2.runs import RunDir
-    run = RunDir(a.run_dir)
-    if not run.config.exists() or not run.checkpoint.exists():
-        print(f"error: {a.run_dir} is not an AR run dir (needs config.yaml and checkpoint.pt)", file=sys.stderr)
-        return 2
-    from magvit2 import config as C  # (also registers resolvers)
-    from magvit2.metrics import export_adm_npz
-    from magvit2.build import build_ar
-    from magvit2.stages.generate import class_labels, grid_title, sample_images, save_sample_grid
-    from magvit2.metrics.grids import as_numpy_uint8
-    from magvit2.stages.resolve import load_tokenizer
 
-    cfg = OmegaConf.load(run.config)
-    if cfg.stage != "ar":
-        print(f"error: {a.run_dir} is a {cfg.stage} run; give an AR run dir", file=sys.stderr)
-        return 2
-    s = cfg.sampling
-    for key, val in (("per_class", a.per_class), ("top_k", a.top_k), ("top_p", a.top_p), ("seed", a.seed),
-                     ("batch_size", a.batch_size)):
+def apply_sampling_args(s, a):
+    """The sampling config `s` with the flags of add_sampling_args that were given set in it."""
+    for key, val in (("top_k", a.top_k), ("top_p", a.top_p), ("seed", a.seed)):
         if val is not None:
             s[key] = val
     if a.cfg_scale:
         s.cfg_scale = a.cfg_scale if len(a.cfg_scale) > 1 else a.cfg_scale[0]
     if a.temperature:
         s.temperature = a.temperature if len(a.temperature) > 1 else a.temperature[0]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:  # both files are loaded with weights_only=True: a checkpoint must never run code
-        tokenizer, _, _ = load_tokenizer(cfg)
-        ckpt = run.load(fix="give an AR run dir trained by this magvit2")
-    except C.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model = build_ar(cfg, tokenizer.token_grid)
-    model.load_state_dict(ckpt["model"])
-    model.to(device)
-    tokenizer.to(device)
-    classes = a.classes if a.classes is not None else list(range(cfg.model.num_classes))
-    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-    if bad:
-        print(f"error: --classes {bad} out of range: this model has {cfg.model.num_classes} classes", file=sys.stderr)
-        return 2
-    labels = torch.tensor(classes).repeat_interleave(s.per_class) if a.classes is not None else \
-        class_labels(cfg.model.num_classes, s.per_class)
-    images = sample_images(model, tokenizer, labels, s, s.seed, s.batch_size, device)
-    out = a.out or a.run_dir / f"samples-{s.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    from magvit2.data.images import class_names
-    grid_path = save_sample_grid(images, s.per_class, out / "samples.png", classes=classes,
-                                 names=class_names(cfg.data), title=grid_title(s, ckpt.get("step")))
-    export_adm_npz(as_numpy_uint8(images), out / "samples.npz")
-    print(f"{len(images)} samples (step {ckpt.get('step')}): {grid_path} and {out / 'samples.npz'}")
-    return 0
+    return s
 
 
-def _check_args(a) -> str | None:
+def check_args(a) -> str | None:
     """The first bad argument's message, else None."""
     import math
     for flag, val in (("--per-class", a.per_class), ("--top-k", a.top_k), ("--batch-size", a.batch_size)):

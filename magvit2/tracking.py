@@ -54,6 +54,7 @@ RUN_STATE = "magvit2.state"  # set when a run ends other than MLflow's statuses 
 PARENT_RUN_ID = MLFLOW_PARENT_RUN_ID  # MLflow's own: nests member runs under the sweep run in the UI
 NOTE = MLFLOW_RUN_NOTE  # MLflow's own: the run's description in the UI (a sweep run's: its axes and winner)
 BEST_PREFIX = "magvit2.best."  # sweep run: the best member for the key metric (.member, .metric, .value, ...)
+REFERENCE = "magvit2.reference"  # "true" on an evaluation of released weights: reports show it as a reference row
 
 
 def missing(key: str) -> str:

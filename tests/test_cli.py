@@ -1,5 +1,5 @@
 """The commands as a user meets them: `python -m magvit2.train --help` (the app's own help), `--info` (each launcher
-once), the console scripts magvit2-{train,sweep,report,sample,bench,convert} with bash tab completion, and the ablation
+once), the console scripts magvit2-{train,sweep,report,sample,bench,convert,evaluate} with bash tab completion, and the ablation
 report notebook executed through nbclient as Jupyter would run it (`pip install -e .[notebook]`)."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from conftest import REPO
 BIN = Path(sys.executable).parent
 SCRIPTS = {"magvit2-train": "magvit2.train", "magvit2-sweep": "magvit2.sweep", "magvit2-report": "magvit2.report",
            "magvit2-sample": "magvit2.sample", "magvit2-bench": "magvit2.bench",
-           "magvit2-convert": "magvit2.convert"}
+           "magvit2-convert": "magvit2.convert", "magvit2-evaluate": "magvit2.evaluate"}
 
 
 def _run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:

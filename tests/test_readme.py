@@ -38,6 +38,8 @@ SUBST = [
     ("hydra.launcher.partition=gpu", "hydra.launcher.partition=debug", "the local cluster's partition"),
     ("hydra.launcher.gpus_per_node=8", "hydra.launcher.gpus_per_node=0", "no GPUs"),
     ("hydra.launcher.tasks_per_node=8", "hydra.launcher.tasks_per_node=1", "one CPU task per member"),
+    ("--data /data/imagenet/val", "--data {images}/val", "ImageNet val: the same folder's 4 val images"),
+    ("--nproc_per_node 8", "--nproc_per_node 2", "2 CPU processes split the sampling"),
     (":5000", f":{PORT}", "a free port for the MLflow server"),
     ("--port 5000", f"--port {PORT}", "same"),
 ]
@@ -51,6 +53,10 @@ SIZES = [  # (regex a whole command must match, sizes appended)
     (r".* tokenizer=magvit2_256_L trainer=imagenet stage=tokenizer", FOLDER + [  # the 256-L at 16 px, 6 steps
         "tokenizer.num_res_blocks=1", "tokenizer.loss.disc_layers=2"]),
     (r".* hydra/launcher=slurm .*", FOLDER),  # trainer=imagenet: 300 epochs
+    (r"python -m magvit2\.evaluate tokenizer .*", ["--workers", "0", "--no-download"]),
+    # the stand-in AR files are no paper size, so no conf/sampling/<size>.yaml: the scales are given
+    (r"torchrun .* -m magvit2\.evaluate ar .*", ["--per-class", "1", "--cfg-scale", "1.5", "--temperature", "1.0",
+                                                "--workers", "0", "--no-download"]),
 ]
 
 
@@ -81,6 +87,28 @@ def _images(root: Path) -> Path:
     return root
 
 
+def _released_ckpts(folder: Path) -> None:
+    """Stand-ins for the released files in the original's layout, tiny and with random weights (never a real
+    number): the 256-L / 128-L tokenizers, and AR files carrying a tokenizer with 16x16 tokens at 256 px."""
+    import torch
+
+    from magvit2 import released
+    from magvit2.models.ar import ARConfig, FactorizedAR
+    from magvit2.models.tokenizer import Tokenizer
+    from magvit2.quantizers import LFQ
+    folder.mkdir()
+    torch.manual_seed(0)
+    tok = Tokenizer(LFQ(bits=18), ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, resolution=256)
+    tok_sd = released.export_tokenizer(tok.state_dict(), 5, tok.state_dict())
+    for name in ("imagenet_256_L", "imagenet_128_L"):
+        released.files.write(folder / f"{name}.ckpt", tok_sd)
+    for size in ("B", "L", "XL"):
+        ar = FactorizedAR(ARConfig(bits=(6, 12), dim=64, n_inter=2, n_intra=1, n_heads=1, num_classes=4, grid=16))
+        released.files.write(folder / f"AR_256_{size}.ckpt", released.export_ar(ar.state_dict(), ar.cfg, tok.state_dict(), 5))
+    np.savez(folder / "VIRTUAL_imagenet256_labeled.npz",
+             arr_0=np.random.default_rng(0).integers(0, 256, (4, 256, 256, 3), dtype=np.uint8))
+
+
 def _health(port: int, timeout: float) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -103,6 +131,7 @@ def test_every_readme_command_works_as_written(tmp_path):
     cwd = tmp_path / "work"
     cwd.mkdir()
     images = _images(tmp_path / "imagenet")
+    _released_ckpts(cwd / "ckpts")
     for old, new, _ in SUBST:
         assert old in text, f"SUBST entry {old!r} no longer matches the README: update the table"
         text = text.replace(old, new.format(images=images))
@@ -166,6 +195,14 @@ def _check(cmd: str, out: str, cwd: Path, fill: dict, env: dict) -> None:
         assert "== magvit2 " in out and " run: " + str(cwd / "outputs" / "runs") in out, out[-3000:]
         if "<signature>" not in fill and "stage=" not in cmd:
             fill["<signature>"] = re.search(r"== magvit2 ar run: \S+/outputs/runs/ar/(\w+)", out).group(1)
+    if cmd.startswith("python -m magvit2.evaluate tokenizer"):
+        assert "rFID" in out and "4 images" in out, out[-2000:]
+    if " -m magvit2.evaluate ar " in cmd:
+        name = re.search(r"ckpts/(\S+)\.ckpt", cmd).group(1)
+        with np.load(next((cwd / "outputs" / "evaluate" / "ar").glob(f"{name}-*/samples.npz"))) as z:
+            assert z["arr_0"].shape == (4, 256, 256, 3), out[-2000:]
+    if cmd.startswith("python -m magvit2.convert"):
+        assert "AR model (Net2NetTransformer)" in out and (cwd / "my_AR.ckpt").is_file(), out[-2000:]
     if "--cfg job" in cmd:
         assert "stage: ar" in out
     if "dry_run=true" in cmd:

@@ -221,12 +221,15 @@ class FactorizedAR(nn.Module):
     @torch.no_grad()
     def generate(self, labels: Tensor, cfg_scale: Sequence[float] | float = 1.0,
                  temperature: Sequence[float] | float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 uniforms: Tensor | None = None) -> Tensor:
         """Sample sub-tokens (B, T, M) for class labels (B,).
 
         CFG (any cfg_scale != 1) doubles the batch with the null class and uses logits uncond + s_j (cond - uncond);
         temperature_j divides the guided logits; top_k / top_p filter afterwards. use_cache=False recomputes the
-        whole prefix every step (reference path; same draws for the same generator state).
+        whole prefix every step (reference path; same draws for the same generator state). uniforms (B, T*M):
+        sub-token j of position t is drawn by inverse CDF at uniforms[:, t*M + j] (generator unused), so each
+        sample's draws depend on its own uniforms only (per-sample seeds, sampling split over processes).
         """
         self._check_labels(labels)
         M, T, d = self.num_subtokens, self.cfg.seq_len, self.cfg.dim
@@ -235,6 +238,8 @@ class FactorizedAR(nn.Module):
         check_sampling_args(top_k, top_p, temps)
         use_cfg = any(s != 1.0 for s in scales)
         B = labels.shape[0]
+        if uniforms is not None and tuple(uniforms.shape) != (B, T * M):
+            raise ValueError(f"uniforms must have shape (B, T*M) = ({B}, {T * M}), got {tuple(uniforms.shape)}")
         cls = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if use_cfg else labels
         N = cls.shape[0]
         device = self.class_emb.weight.device
@@ -255,7 +260,8 @@ class FactorizedAR(nn.Module):
                     logits = self.heads[j](x)
                     if use_cfg:
                         logits = guide(logits, scales[j])
-                    s = sample(logits, temps[j], top_k, top_p, generator)
+                    u = None if uniforms is None else uniforms[:, t * M + j]
+                    s = sample(logits, temps[j], top_k, top_p, generator, u)
                     out[:, t, j] = s
                     chosen = torch.cat([chosen, s.repeat(2)[:, None] if use_cfg else s[:, None]], dim=1)
                 e = self._embed_tokens(chosen)[:, None]

@@ -40,8 +40,17 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> Tensor:
-    """Draw one index per row of logits (N, V) -> (N,) int64."""
+           generator: torch.Generator | None, u: Tensor | None = None) -> Tensor:
+    """Draw one index per row of logits (N, V) -> (N,) int64.
+
+    u (N,) uniforms in [0, 1): row i takes the inverse CDF at u[i] (float64) instead of torch.multinomial, so a
+    row's draw depends on its own uniform only, not on the batch it is in (per-sample seeds, split sampling)."""
+    if u is not None:
+        p = filter_logits(logits.double() / temperature, top_k, top_p).softmax(-1)
+        cdf = p.cumsum(-1)
+        # the first code whose cdf exceeds u: never one of probability 0 (its cdf equals its predecessor's)
+        return torch.searchsorted(cdf, u.to(cdf)[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp(
+            max=p.shape[-1] - 1)
     if logits.dtype in (torch.float16, torch.bfloat16):  # softmax / cumsum in full precision
         logits = logits.float()
     logits = filter_logits(logits / temperature, top_k, top_p)

@@ -41,10 +41,15 @@ def _tokenizer_prefix(sd: dict, setting: str) -> str:
     return "" if k == "tokenizer" else A.TOKENIZER_PREFIX
 
 
+def _state(path_or_sd, setting: str) -> dict:
+    """A file is read once (an XL file is ~6 GB): callers holding its state_dict pass it on."""
+    return path_or_sd if isinstance(path_or_sd, dict) else files.read(path_or_sd, setting)
+
+
 def into_tokenizer(path, model: Tokenizer, setting: str, weights: str = "raw", disc=None) -> dict:
-    """Load a released tokenizer (or the tokenizer inside a released AR file) into `model`; it switches the
-    decoder's adaptive GroupNorm to the original's settings (logged when that changes them)."""
-    sd = files.read(path, setting)
+    """Load a released tokenizer (or the tokenizer inside a released AR file; `path` or its state_dict) into
+    `model`; it switches the decoder's adaptive GroupNorm to the original's settings (logged when that changes)."""
+    sd = _state(path, setting)
     prefix = _tokenizer_prefix(sd, setting)
     norms = [level.norm for level in model.decoder.levels]
     if any(n.correction != 1 for n in norms):
@@ -70,24 +75,24 @@ def into_tokenizer(path, model: Tokenizer, setting: str, weights: str = "raw", d
 def load_tokenizer(path, weights: str = "ema", resolution: int = 256) -> tuple[Tokenizer, dict]:
     """A released tokenizer file (or the tokenizer of a released AR file) as an eval-mode Tokenizer built from its
     shapes. `resolution` only sets `token_grid` (the model is fully convolutional)."""
-    setting = f"released file {path}"
-    sd = files.read(path, setting)
+    setting = f"released file {path if not isinstance(path, dict) else '(in memory)'}"
+    sd = _state(path, setting)
     prefix = _tokenizer_prefix(sd, setting)
     if prefix and weights == "ema":
         weights = "raw"  # the original trains its AR on the raw tokenizer weights (`use_ema: False`)
     a = T.infer_arch(sd, prefix)
     model = Tokenizer(LFQ(bits=a["bits"]), ch=a["ch"], ch_mult=a["ch_mult"], num_res_blocks=a["num_res_blocks"],
                       resolution=resolution, **TOKENIZER_SETTINGS)
-    info = into_tokenizer(path, model, setting, weights)
-    log.info("%s: tokenizer %s, %s weights, with the original's settings %s", path, a, weights, TOKENIZER_SETTINGS)
+    info = into_tokenizer(sd, model, setting, weights)
+    log.info("%s: tokenizer %s, %s weights, with the original's settings %s", setting, a, weights, TOKENIZER_SETTINGS)
     return model.eval().requires_grad_(False), {**info, "arch": a}
 
 
 def into_ar(path, model: FactorizedAR, setting: str) -> dict:
-    """Load a released AR file's transformer into `model` (the tokenizer part is set aside)."""
-    sd = files.read(path, setting)
+    """Load a released AR file's transformer (`path` or its state_dict) into `model`; its tokenizer is set aside."""
+    sd = _state(path, setting)
     if kind(sd) != "ar":
-        raise ConfigError(f"{setting}: {path} is not an Open-MAGVIT2 AR checkpoint (no transformer.* keys); "
+        raise ConfigError(f"{setting}: not an Open-MAGVIT2 AR checkpoint (no transformer.* keys); "
                           f"a tokenizer file goes to tokens.tokenizer")
     if model.cfg.class_rope != "zero":
         raise ConfigError(f"{setting}: the original's AR zeroes the class slot's RoPE, this model has "
@@ -110,8 +115,9 @@ def load_ar(path, grid: int = 16, n_heads: int | None = None) -> tuple[Factorize
     if kind(sd) != "ar":
         raise ConfigError(f"{setting}: not an Open-MAGVIT2 AR checkpoint (no transformer.* keys)")
     model = FactorizedAR(A.infer_config(sd, grid, n_heads))
-    info = into_ar(path, model, setting)
-    tokenizer, tok_info = load_tokenizer(path, "raw", resolution=grid * 16)
+    info = into_ar(sd, model, setting)
+    down = 2 ** (len(T.infer_arch(sd, A.TOKENIZER_PREFIX)["ch_mult"]) - 1)
+    tokenizer, tok_info = load_tokenizer(sd, "raw", resolution=grid * down)
     log.info("%s: AR %s (%s), with the original's settings %s", path, info["model_size"] or "custom size",
              model.cfg, AR_SETTINGS)
     return model.eval().requires_grad_(False), tokenizer, {**info, "tokenizer": tok_info}

@@ -68,13 +68,14 @@ def _ordered(values: pd.Series, key) -> pd.Categorical:
 
 
 def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_uri: str | None = None,
-              root: str = "outputs") -> pd.DataFrame:
+              root: str = "outputs", reference: bool = False) -> pd.DataFrame:
     """Member runs of a sweep and/or an experiment (all experiments when none is named), one row each.
 
     Columns: BASE_COLUMNS, then params under their dotted keys (numbers where numeric; a key clashing with a base
     column is kept as "params.<key>"), then metrics (last value) under their keys without the "metrics." prefix.
     `factorization` (ordered by M, then bits) and `model` (tiny < B < L < XL) are ordered categoricals;
-    `missing` maps metric key -> reason for metrics logged as missing."""
+    `missing` maps metric key -> reason for metrics logged as missing. reference=True: instead, the evaluations of
+    released weights (`python -m magvit2.evaluate` runs tagged magvit2.reference=true), whatever their sweep."""
     uri = resolve_uri(tracking_uri, root)
     client = MlflowClient(uri)
     exps = {e.experiment_id: e.name for e in client.search_experiments(ViewType.ACTIVE_ONLY)}
@@ -85,7 +86,9 @@ def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_
     else:
         ids = list(exps)
     flt = f"tags.`{tracking.KIND}` = 'member'"
-    if sweep is not None:
+    if reference:
+        flt += f" and tags.`{tracking.REFERENCE}` = 'true'"
+    elif sweep is not None:
         tracking._check_id("sweep", sweep)
         flt += f" and tags.`{tracking.SWEEP_ID}` = '{sweep}'"
     runs = _search(client, ids, flt) if ids else []

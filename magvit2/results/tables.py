@@ -19,7 +19,7 @@ AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n
               "val loss (nats)": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k (nats)", params
 PERCENT = {"eval/utilization"}  # fractions shown x100
 # which way is better, for the bold best value of a column
-LOWER_BETTER = ("rFID", "LPIPS", "FID (in-loop)", "val loss")
+LOWER_BETTER = ("rFID", "LPIPS", "FID", "val loss")
 HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)")
 MISSING = "—"
 
@@ -75,6 +75,22 @@ def ar_table(df: pd.DataFrame) -> pd.DataFrame:
     cols = {**AR_COLUMNS, **{f"val loss {k} (nats)": f"val/loss_{k}" for k in subs},
             "params (incl. head)": "derived.params"}
     return _table(sub, "ar", ["factorization", "model"], cols)
+
+
+# python -m magvit2.evaluate's protocol metrics (FID: 50 samples per class vs a reference batch, not in-loop)
+REFERENCE_AR_COLUMNS = {"FID": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N ref img": "eval/n_real"}
+
+
+def reference_table(df: pd.DataFrame, stage: str) -> pd.DataFrame:
+    """Rows: evaluations of released weights (load_runs(reference=True)) of `stage`, keyed by the file, the tokens
+    (tokenizer: the 32x32 row of 128-L at 256 px differs from its 16x16 row) and the data; the stage's metric
+    columns with their N."""
+    sub = _stage(df, stage)
+    keys = {"weights": sub["run_name"].str.replace(f"evaluate-{stage}-", "", regex=False)}
+    if stage == "tokenizer":
+        keys.update(tokens=sub.get("tokens"), data=sub.get("data"))
+    cols = TOKENIZER_COLUMNS if stage == "tokenizer" else REFERENCE_AR_COLUMNS
+    return _table(sub.assign(**keys), stage, list(keys), cols).drop(columns=["steps (schedule)", "seed"])
 
 
 def _fmt(v) -> str:

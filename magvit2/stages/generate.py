@@ -1,6 +1,7 @@
 """Sampling with the trained generator: class-conditional images, grids, FID/IS, ADM-style npz."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -17,22 +18,41 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample_images(model, tokenizer, labels: torch.Tensor, sampling, seed: int, batch_size: int, device,
-                  show: bool = True) -> torch.Tensor:
-    """-> images in [-1, 1], (N, 3, H, W), for the given labels; reproducible for a seed and batch size."""
+                  show: bool = True, item_seeds: list[int] | None = None) -> torch.Tensor:
+    """-> images in [-1, 1], (N, 3, H, W), for the given labels; reproducible for a seed and batch size.
+
+    item_seeds (one per label): each sample draws from its own seed instead (`seed` is then unused), so its draws
+    do not depend on which batch, process or batch size drew it. Equal batches give equal bits; other batch sizes
+    can round the batched matmuls and convs differently (pixels off by one, rarely a draw at a near-tie)."""
     was = model.training
     model.eval()
     out = []
     grid, m = model.cfg.grid, model.num_subtokens
     for s in tqdm(range(0, len(labels), batch_size), desc="sampling", disable=not show, mininterval=1.0):
         y = labels[s:s + batch_size].to(device)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+        g, u = None, None
+        if item_seeds is None:
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s)
+        else:
+            u = item_uniforms(item_seeds[s:s + batch_size], model.cfg.seq_len * m, device)
         sub = model.generate(y, cfg_scale=subtoken_values(sampling.cfg_scale, m, "sampling.cfg_scale"),
                              temperature=subtoken_values(sampling.temperature, m, "sampling.temperature"),
-                             top_k=sampling.top_k, top_p=sampling.top_p, generator=g)
+                             top_k=sampling.top_k, top_p=sampling.top_p, generator=g, uniforms=u)
         idx = model.merge(sub).view(-1, grid, grid)
         out.append(tokenizer.decode_indices(idx).float().clamp(-1, 1).cpu())
     model.train(was)
     return torch.cat(out)
+
+
+def item_seed(seed: int, label: int, index: int) -> int:
+    """The seed of sample `index` of class `label`: a hash, so no two (seed, label, index) share a stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{label}:{index}".encode()).digest()[:8], "little")
+
+
+def item_uniforms(seeds: list[int], n: int, device) -> torch.Tensor:
+    """(len(seeds), n) float64 uniforms, row i from its own CPU generator seeded with seeds[i]."""
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                        for s in seeds]).to(device)
 
 
 def class_labels(num_classes: int, per_class: int) -> torch.Tensor:

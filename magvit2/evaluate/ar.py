@@ -1,0 +1,205 @@
+"""`python -m magvit2.evaluate ar`: per_class x num_classes samples (the paper's gFID: 50 x 1000) with the model's
+sampling settings, split over the processes of a launch (shards.py), merged into one ADM-evaluator npz, and FID / IS
+against a reference: an ADM reference batch (its precomputed mu / sigma, else its images) or an image folder."""
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from magvit2 import metrics as M
+from magvit2.config import ConfigError, subtoken_values
+from magvit2.evaluate import common, shards
+from magvit2.evaluate.sources import load_ar_source, sampling_settings
+from magvit2.sample import add_sampling_args, check_args
+
+log = logging.getLogger(__name__)
+
+
+def add_args(ap) -> None:
+    ap.add_argument("source", help="an AR run dir, its checkpoint.pt, or a released Open-MAGVIT2 AR .ckpt")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer SOURCE to decode with (default: the AR's own)")
+    ap.add_argument("--tokenizer-weights", default=None, choices=("raw", "ema"),
+                    help="default: the AR run's tokens.weights (raw for --tokenizer with a released AR file)")
+    ap.add_argument("--per-class", type=int, default=50, help="samples per class (default 50, the paper's)")
+    ap.add_argument("--num-classes", type=int, default=None, help="the first N classes (default: all of the model's)")
+    add_sampling_args(ap)
+    ref = ap.add_mutually_exclusive_group()
+    ref.add_argument("--ref-batch", type=Path, default=None, help="ADM reference batch npz (e.g. "
+                     "VIRTUAL_imagenet256_labeled.npz): its mu/sigma if present, else its arr_0 images")
+    ref.add_argument("--ref-dir", type=Path, default=None, help="reference image folder (resized + center-cropped to "
+                     "the samples' size)")
+    ap.add_argument("--shard-size", type=int, default=250, help="samples per shard file, the unit of work split over "
+                    "ranks and of resuming (default 250)")
+    common.add_common_args(ap)
+
+
+def check(a) -> None:
+    bad = check_args(a)
+    for flag, v in (("--num-classes", a.num_classes), ("--shard-size", a.shard_size)):
+        if bad is None and v is not None and v < 1:
+            bad = f"{flag} {v} must be >= 1"
+    for flag, p in (("--ref-batch", a.ref_batch), ("--ref-dir", a.ref_dir)):
+        if bad is None and p is not None and not (p.is_file() if flag == "--ref-batch" else p.is_dir()):
+            bad = f"{flag} {p}: no such {'file' if flag == '--ref-batch' else 'folder'}"
+    if bad:
+        raise ConfigError(bad)
+    common.check_weight_files(a)
+
+
+@torch.no_grad()
+def run(a) -> dict:
+    from magvit2.metrics.grids import as_numpy_uint8
+    from magvit2.runs import FileLock
+    from magvit2.stages.generate import class_labels, item_seed, sample_images
+    check(a)  # before any loading: a typo fails at once
+    rank, world, how = shards.rank_world()
+    model, tok, src = load_ar_source(a.source, a.tokenizer, a.tokenizer_weights)
+    s = sampling_settings(src, a)
+    m = model.num_subtokens
+    n_cls = a.num_classes or model.cfg.num_classes
+    if n_cls > model.cfg.num_classes:
+        raise ConfigError(f"--num-classes {n_cls}: the model has {model.cfg.num_classes} classes")
+    size = model.cfg.grid * tok.downsample
+    settings = {"kind": "ar", "source": str(src.path), "tokenizer": str(a.tokenizer or "own"),
+                "tokenizer_weights": src.info["tokenizer_weights"], "per_class": a.per_class, "num_classes": n_cls,
+                "seed": int(s.seed), "cfg_scale": subtoken_values(s.cfg_scale, m, "--cfg-scale"),
+                "temperature": subtoken_values(s.temperature, m, "--temperature"), "top_k": s.top_k,
+                "top_p": s.top_p, "shard_size": a.shard_size, "image_size": size}
+    if min(settings["temperature"]) <= 0:
+        raise ConfigError(f"temperature {settings['temperature']} must be > 0 for every sub-token")
+    out = common.out_dir(a, "ar", src.name, settings)
+    shards.pin_settings(out, settings)
+    labels = class_labels(n_cls, a.per_class)
+    plan = shards.plan(len(labels), a.shard_size)
+    mine = plan[rank::world]
+    have = set(shards.done(out, mine))
+    todo = [sh for sh in mine if sh not in have]
+    print(f"rank {rank} of {world} ({how}): {len(mine)} of {len(plan)} shards, {len(mine) - len(todo)} drawn already; "
+          f"{len(labels)} samples ({a.per_class} x {n_cls} classes) of {size}px in {out}")
+    device = shards.local_device()
+    model.to(device)
+    tok.to(device)
+    with tqdm(total=sum(sh.stop - sh.start for sh in todo), desc=f"sampling (rank {rank})", unit="img") as bar:
+        for sh in todo:
+            y = labels[sh.start:sh.stop]
+            seeds = [item_seed(int(s.seed), int(c), i % a.per_class) for i, c in zip(range(sh.start, sh.stop), y)]
+            imgs = sample_images(model, tok, y, s, s.seed, s.batch_size, device, show=False, item_seeds=seeds)
+            shards.write(out, sh, as_numpy_uint8(imgs))
+            bar.update(len(y))
+    with FileLock(out / "merge"):  # the last rank to finish merges; the others see its results
+        left = set(plan) - set(shards.done(out, plan))
+        if left:
+            print(f"rank {rank}: my shards are done; {len(left)} of other ranks are still missing: the last rank to "
+                  f"finish merges them (or run this command again once they exist)")
+            return {}
+        return evaluate(a, src, out, plan, settings, device)
+
+
+def _reference(a) -> str | None:
+    p = a.ref_batch or a.ref_dir
+    return str(p.expanduser().resolve()) if p is not None else None
+
+
+def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
+    """Merge the shards into samples.npz, then FID / IS against the reference, results, MLflow run."""
+    from magvit2 import tracking
+    from magvit2.runs import read_json
+    key = {**settings, "reference": _reference(a)}  # what the results are of
+    prev = read_json(out / "results.json")
+    if prev and {k: prev["settings"].get(k) for k in key} == key:  # another rank (or an earlier run) got here first
+        print(f"already evaluated: {out / 'results.json'}")
+        common.print_table(_rows({**prev["metrics"], **{k: M.Missing(r) for k, r in prev["missing"].items()}}))
+        return prev
+    npz = out / "samples.npz"
+    images = shards.merge(out, plan)
+    M.export_adm_npz(images, npz)
+    inception = M.inception_for_fid(a.inception_weights, download=not a.no_download)
+    gm = M.GenerationMetrics(inception, device=device)
+    bs = a.batch_size or 100
+    n_real = None
+    if not isinstance(inception, M.Missing):
+        n_real = add_reference(gm, a, settings["image_size"], bs)
+        for i in tqdm(range(0, len(images), bs), desc="Inception (samples)", unit="batch", mininterval=1.0):
+            gm.update_fake(torch.from_numpy(images[i:i + bs]).permute(0, 3, 1, 2))
+    r = gm.compute()
+    if key["reference"] is None and not isinstance(inception, M.Missing):
+        r["fid"] = M.Missing("no reference: give --ref-batch VIRTUAL_imagenet256_labeled.npz or --ref-dir DIR")
+    metrics = {"eval/fid": r["fid"], "eval/is": r["is"], "eval/is_std": r["is_std"],
+               "eval/n_samples": float(len(images)), "eval/n_real": r["n_real"] if n_real is None else n_real}
+    grid = _grid(images, settings, out / "samples.png")
+    tags = {tracking.SAMPLES_NPZ: str(npz), tracking.TOKENIZER: settings["tokenizer"],
+            tracking.FID_PROTOCOL: f"{settings['per_class']} samples per class x {settings['num_classes']} classes "
+                                   f"vs {key['reference'] or 'no reference'} (magvit2.evaluate ar)"}
+    print(f"AR {src.name} ({'released' if src.reference else 'run'}): {len(images)} samples -> {npz}")
+    params = {**key, "batch_size": a.batch_size, "model_size": src.info.get("model_size")}
+    return common.finish(a, "ar", src, out, params, metrics, tags, [grid], _rows(metrics))
+
+
+def _rows(m: dict) -> list:
+    ns, nr = f"{int(m['eval/n_samples'])} samples", m["eval/n_real"]
+    vs = f"{ns} vs {int(nr)} reference" if not isinstance(nr, M.Missing) and nr else ns
+    return [("FID", m["eval/fid"], vs), ("IS", m["eval/is"], ns), ("IS std (10 splits)", m["eval/is_std"], ns)]
+
+
+def _grid(images: np.ndarray, settings: dict, path: Path) -> Path:
+    from magvit2.stages.generate import save_sample_grid
+    per = settings["per_class"]
+    first = images[: per * min(10, settings["num_classes"])]
+    x = torch.from_numpy(first).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return save_sample_grid(x, per, path, title=f"CFG {settings['cfg_scale']}, temperature {settings['temperature']}")
+
+
+def add_reference(gm, a, size: int, bs: int):
+    """The reference side of FID: an ADM batch's mu / sigma (the same 2015-12-05 Inception's pool features), else
+    its arr_0 images; or an image folder's images, resized + center-cropped to the samples' size. -> the number of
+    reference images when it is not what gm counted (precomputed statistics), else None."""
+    if a.ref_batch is not None:
+        with np.load(a.ref_batch) as z:
+            if "mu" in z.files and "sigma" in z.files:
+                set_real_stats(gm, z["mu"], z["sigma"])
+                return float(_rows_in(a.ref_batch, "arr_0")) if "arr_0" in z.files else M.Missing(
+                    "the reference batch holds mu/sigma without its images: their count is not stored")
+            if "arr_0" not in z.files:
+                raise ConfigError(f"--ref-batch {a.ref_batch}: neither mu/sigma nor arr_0 images in it")
+            ref = z["arr_0"]
+        if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[-1] != 3:
+            raise ConfigError(f"--ref-batch {a.ref_batch}: arr_0 is {ref.dtype} {ref.shape}, not uint8 (N,H,W,3)")
+        if ref.shape[1:3] != (size, size):
+            log.warning(f"--ref-batch images are {ref.shape[1]}x{ref.shape[2]}, the samples {size}x{size}")
+        for i in tqdm(range(0, len(ref), bs), desc="Inception (reference)", unit="batch", mininterval=1.0):
+            gm.update_real(torch.from_numpy(ref[i:i + bs]).permute(0, 3, 1, 2))
+        return None
+    from torch.utils.data import DataLoader
+
+    from magvit2.evaluate.images import ImageFiles
+    for x in tqdm(DataLoader(ImageFiles(a.ref_dir, size, flag="--ref-dir"), batch_size=bs, num_workers=a.workers),
+                  desc="Inception (reference)", unit="batch", mininterval=1.0):
+        gm.update_real(x)
+    return None
+
+
+def set_real_stats(gm, mu: np.ndarray, sigma: np.ndarray, k: int = 2) -> None:
+    """Precomputed reference statistics into torchmetrics' FID state: the sums from which its compute() gets mu and
+    sigma back (sum = k mu, sum of outer products = (k - 1) sigma + k mu mu^T), for any k > 1."""
+    fid = gm.fid
+    d = fid.real_features_sum.shape[0]
+    if mu.shape != (d,) or sigma.shape != (d, d):
+        raise ConfigError(f"--ref-batch: mu {mu.shape} / sigma {sigma.shape} are not {d}-d Inception pool statistics")
+    mu_t, sig_t = torch.from_numpy(mu).double().to(fid.device), torch.from_numpy(sigma).double().to(fid.device)
+    fid.real_features_sum = k * mu_t
+    fid.real_features_cov_sum = (k - 1) * sig_t + k * torch.outer(mu_t, mu_t)
+    fid.real_features_num_samples = torch.tensor(k, dtype=torch.long, device=fid.device)
+    gm.n_real.update(k)  # GenerationMetrics computes FID from >= 2 real images
+
+
+def _rows_in(path: Path, name: str) -> int:
+    """Length of array `name` in an npz, from its header only (an ADM batch's arr_0 is 10k images, ~2 GB)."""
+    with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return int(read(f)[0][0])

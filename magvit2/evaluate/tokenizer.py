@@ -1,0 +1,72 @@
+"""`python -m magvit2.evaluate tokenizer`: reconstruct an image folder, report rFID, PSNR, SSIM, LPIPS, utilization
+and perplexity (the original's scripts/evaluation: ImageNet val 50k at 256 or 128; the tokenizer is fully
+convolutional, so the 128-L tokenizer on 256px inputs gives the 32x32-token row)."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from magvit2 import metrics as M
+from magvit2.config import ConfigError
+from magvit2.evaluate import common
+from magvit2.evaluate.images import ImageFiles
+from magvit2.evaluate.shards import local_device
+from magvit2.evaluate.sources import load_tokenizer_source
+
+
+def add_args(ap) -> None:
+    ap.add_argument("source", help="a tokenizer run dir, its checkpoint.pt, or a released Open-MAGVIT2 .ckpt")
+    ap.add_argument("--data", required=True, help="image folder (class subfolders like ImageNet val, or flat)")
+    ap.add_argument("--resolution", type=int, default=256, help="shorter-side resize + center crop (default 256)")
+    ap.add_argument("--num-images", type=int, default=None, help="evenly spaced subset (default: all)")
+    ap.add_argument("--weights", default="ema", choices=("ema", "raw"), help="default ema (the original's)")
+    ap.add_argument("--vgg16-weights", default=None, help="torchvision vgg16-397923af.pth (LPIPS); default: "
+                    "torch hub's cache, else a download")
+    common.add_common_args(ap)
+
+
+@torch.no_grad()
+def run(a) -> dict:
+    for flag, v in (("--resolution", a.resolution), ("--num-images", a.num_images), ("--batch-size", a.batch_size)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} {v} must be >= 1")
+    common.check_weight_files(a)
+    ds = ImageFiles(a.data, a.resolution, a.num_images)  # a bad folder fails before any weights load
+    tok, src = load_tokenizer_source(a.source, a.weights)
+    if a.resolution % tok.downsample:
+        raise ConfigError(f"--resolution {a.resolution} is not divisible by the tokenizer's downsampling "
+                          f"{tok.downsample}: use a multiple of {tok.downsample}")
+    device = local_device()
+    tok.to(device)
+    params = {"kind": "tokenizer", "source": str(src.path), "data": str(ds.root),
+              "resolution": a.resolution, "num_images": len(ds), "weights": a.weights,
+              "tokens": f"{a.resolution // tok.downsample}x{a.resolution // tok.downsample}"}
+    out = common.out_dir(a, "tokenizer", f"{src.name}-{a.resolution}px-{a.weights}", params)
+    dl = not a.no_download
+    rm = M.ReconstructionMetrics(tok.quantizer.codebook_size, device=device,
+                                 lpips_model=M.load_lpips(a.vgg16_weights, download=dl),
+                                 inception=M.inception_for_fid(a.inception_weights, download=dl))
+    loader = DataLoader(ds, batch_size=a.batch_size or 32, num_workers=a.workers)
+    first = None
+    for x in tqdm(loader, desc="reconstructing", unit="batch", mininterval=1.0):
+        x = x.to(device)
+        x_rec, q = tok(x)
+        x_rec = x_rec.float().clamp(-1, 1)
+        rm.update(x, x_rec, q.indices)
+        if first is None:
+            first = (x[:8].cpu(), x_rec[:8].cpu())
+    m = rm.compute()
+    out.mkdir(parents=True, exist_ok=True)
+    from magvit2.metrics.grids import save_grid
+    grid = save_grid(first, out / "recon_grid.png", labels=("original", "reconstruction"))
+    n, nt = f"{int(m['n_images'])} images", f"{int(m['n_tokens'])} tokens"
+    pct = lambda v: v if isinstance(v, M.Missing) else 100 * v  # noqa: E731
+    rows = [("rFID", m["rfid"], n), ("PSNR (dB)", m["psnr"], n),
+            ("SSIM (scikit-image 7x7 uniform: the reference's)", m["ssim_skimage"], n),
+            ("SSIM (Gaussian 11x11)", m["ssim"], n), ("LPIPS (VGG)", m["lpips"], n),
+            ("codebook utilization (%)", pct(m["utilization"]), nt), ("perplexity", m["perplexity"], nt)]
+    metrics = {f"eval/{k}": v for k, v in m.items()}
+    print(f"tokenizer {src.name} ({'released' if src.reference else 'run'}, {a.weights} weights) on {len(ds)} "
+          f"images of {a.data} at {a.resolution}px: {params['tokens']} tokens")
+    return common.finish(a, "tokenizer", src, out, params, metrics, {}, [grid], rows)
