@@ -236,3 +236,16 @@ def test_init_from_is_checked_before_launch_and_enters_the_signature_only_when_s
     with open_dict(without):
         del without.model["init_from"]
     assert C.ar_signature(base) == C.ar_signature(without) != C.ar_signature(given)
+
+
+def test_a_released_tokenizer_renamed_to_pt_still_loads_as_one(tmp_path):
+    from test_recipe import cfg_of
+
+    from magvit2.stages.resolve import load_tokenizer
+    sd, src = reference_file(tmp_path / "imagenet_256_L.pt")
+    cfg = cfg_of("tokenizer.ch=32", "tokenizer.ch_mult=[1,2,2]", "tokenizer.num_res_blocks=2",
+                 "tokenizer.resolution=32", f"tokens.tokenizer={tmp_path / 'imagenet_256_L.pt'}")
+    model, ident, info = load_tokenizer(cfg)
+    assert info["reference"] and ident.endswith(":reference:raw")
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

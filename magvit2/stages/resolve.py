@@ -50,7 +50,8 @@ def checkpoint_path(cfg) -> tuple[Path, str]:
 
 
 _REFUSED_FIX = ("give the checkpoint.pt of a tokenizer run of this magvit2 (or its run dir), runs:/<mlflow run id> "
-                "or auto; a run dir from an older magvit2 (pickled RNG state) has to be deleted and trained again")
+                "or auto; a run dir from an older magvit2 (pickled RNG state) has to be deleted and trained again; "
+                "a released Open-MAGVIT2 file is read (as data only) under its .ckpt name")
 
 
 def load_tokenizer(cfg):
@@ -65,14 +66,14 @@ def load_tokenizer(cfg):
     path, source = checkpoint_path(cfg)
     setting = f"tokens.tokenizer={cfg.tokens.tokenizer}"
     model = build_tokenizer(cfg)
-    if path.suffix == ".ckpt":  # a released Open-MAGVIT2 file (or the tokenizer inside a released AR file)
-        from magvit2 import released
-        info = released.into_tokenizer(path, model, setting, weights)
+    from magvit2 import checkpoint, released  # weights_only / data-only reads: a checkpoint file never runs code
+    ckpt = None if path.suffix == ".ckpt" else checkpoint.load(path, setting, _REFUSED_FIX)
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if ckpt is None or (isinstance(sd, dict) and released.kind(sd)):  # a released Open-MAGVIT2 file (or the
+        released.into_tokenizer(path if ckpt is None else sd, model, setting, weights)  # tokenizer of an AR file)
         model.eval().requires_grad_(False)
         return model, f"{source}:reference:{weights}", {"source": source, "path": str(path), "step": None,
                                                         "metrics": {}, "weights": weights, "reference": True}
-    from magvit2 import checkpoint  # weights_only: a checkpoint file must never run code
-    ckpt = checkpoint.load(path, setting, _REFUSED_FIX)
     try:
         if "ema" in ckpt:
             model.load_state_dict(ckpt["model"])
