@@ -13,9 +13,10 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 STAGES = ("tokenizer", "ar")
-# Keys that never change a run's result (cadence, parallelism, data loading speed).
+# Keys that never change a run's result (cadence, parallelism, data loading speed, kernel choice).
 _CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers",
-                 "max_nonfinite_steps")  # a healthy run ignores it; raising it resumes a diverged run
+                 "max_nonfinite_steps",  # a healthy run ignores it; raising it resumes a diverged run
+                 "compile", "fused_adam")  # the same math in other kernels (float rounding aside)
 
 
 class ConfigError(ValueError):

@@ -211,9 +211,13 @@ class FactorizedAR(nn.Module):
         return subtoken_loss(self(sub, labels), sub)
 
     # ---- sampling -----------------------------------------------------------------------------------------------
-    def _inter_step(self, x: Tensor, t: int, caches: list[KVCache] | None) -> Tensor:
-        """h for input slot t. x (N, t+1, dim) (whole prefix, no cache) or (N, 1, dim) (cached) -> (N, dim)."""
-        rope = self._rope(0, t + 1) if caches is None else self._rope(t, 1)
+    def _inter_step(self, x: Tensor, t: int | Tensor, caches: list[KVCache] | None) -> Tensor:
+        """h for input slot t. x (N, t+1, dim) (whole prefix, no cache) or (N, 1, dim) (cached; t a 0-d tensor:
+        the static path, same shapes at every t) -> (N, dim)."""
+        if torch.is_tensor(t):
+            rope = self.rope_cos[t].view(1, -1), self.rope_sin[t].view(1, -1)
+        else:
+            rope = self._rope(0, t + 1) if caches is None else self._rope(t, 1)
         for i, blk in enumerate(self.inter):
             x = blk(x, rope) if caches is None else blk(x, rope, caches[i], t)
         return x[:, -1]
@@ -221,13 +225,15 @@ class FactorizedAR(nn.Module):
     @torch.no_grad()
     def generate(self, labels: Tensor, cfg_scale: Sequence[float] | float = 1.0,
                  temperature: Sequence[float] | float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, use_cache: bool | str = True,
                  uniforms: Tensor | None = None) -> Tensor:
         """Sample sub-tokens (B, T, M) for class labels (B,).
 
         CFG (any cfg_scale != 1) doubles the batch with the null class and uses logits uncond + s_j (cond - uncond);
         temperature_j divides the guided logits; top_k / top_p filter afterwards. use_cache=False recomputes the
-        whole prefix every step (reference path; same draws for the same generator state). uniforms (B, T*M):
+        whole prefix every step (reference path; same draws for the same generator state). use_cache="static":
+        preallocated caches read whole with a mask, so every step has the same shapes; compile_sampling() compiles
+        that step (and CUDA-graphs it on a GPU). uniforms (B, T*M):
         sub-token j of position t is drawn by inverse CDF at uniforms[:, t*M + j] (generator unused), so each
         sample's draws depend on its own uniforms only (per-sample seeds, sampling split over processes).
         """
@@ -243,20 +249,26 @@ class FactorizedAR(nn.Module):
         cls = torch.cat([labels, torch.full_like(labels, self.cfg.num_classes)]) if use_cfg else labels
         N = cls.shape[0]
         device = self.class_emb.weight.device
-        caches = None
-        if use_cache:
+        if use_cache not in (True, False, "static"):
+            raise ValueError(f"use_cache={use_cache!r}: use True, False or 'static'")
+        static = use_cache == "static"
+        caches = self._caches(N, device) if static else None
+        if use_cache is True:
             caches = [KVCache(N, self.cfg.n_heads, T, d // self.cfg.n_heads, device) for _ in self.inter]
+        inter_step, intra = (self._compiled if static and self._compiled else (self._inter_step, self._intra))
+        positions = torch.arange(T, device=device)  # static: each step's pos is a view of it (no host copy)
         out = torch.zeros(B, T, M, dtype=torch.long, device=device)
         seq = self.class_emb(cls)[:, None]  # inter inputs so far (only kept whole without a cache)
         was_training = self.training
         self.eval()
         try:
             for t in range(T):
-                h = self._inter_step(seq if caches is None else seq[:, -1:], t, caches)
+                pos = positions[t] if static else t
+                h = inter_step(seq if caches is None else seq[:, -1:], pos, caches)
                 chosen = torch.zeros(N, 0, dtype=torch.long, device=device)
                 hn = self.norm(h) if not self.intra else None
                 for j in range(M):
-                    x = hn if hn is not None else self._intra(h, chosen)[:, -1]
+                    x = hn if hn is not None else intra(h, chosen)[:, -1]
                     logits = self.heads[j](x)
                     if use_cfg:
                         logits = guide(logits, scales[j])
@@ -269,3 +281,32 @@ class FactorizedAR(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+    _compiled: tuple | None = None  # (inter step, intra stack) compiled for use_cache="static"
+    _graph_caches: dict | None = None  # CUDA graphs: caches kept at fixed addresses across generate() calls
+
+    def _caches(self, n: int, device) -> list[KVCache]:
+        """Preallocated caches for the static path, in the dtype the step writes (autocast's, else the model's)."""
+        dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.norm.weight.dtype
+        if self._graph_caches is not None and (n, dt) in self._graph_caches:
+            return self._graph_caches[(n, dt)]
+        caches = [KVCache(n, self.cfg.n_heads, self.cfg.seq_len, self.cfg.dim // self.cfg.n_heads, device)
+                  for _ in self.inter]
+        for c in caches:
+            c.allocate(dt, device)
+        if self._graph_caches is not None:  # a captured graph writes into these very buffers
+            for c in caches:
+                torch._dynamo.mark_static_address(c.k), torch._dynamo.mark_static_address(c.v)
+            self._graph_caches[(n, dt)] = caches
+        return caches
+
+    def compile_sampling(self, cuda_graphs: bool = False) -> None:
+        """torch.compile the static-cache sampler's inter step (one graph for every position) and intra stack (one
+        per sub-token); cuda_graphs=True also captures them as CUDA graphs (mode reduce-overhead): CUDA only."""
+        if cuda_graphs and self.class_emb.weight.device.type != "cuda":
+            raise RuntimeError("compile_sampling(cuda_graphs=True) needs the model on a CUDA device; "
+                               "use cuda_graphs=False (torch.compile only) elsewhere")
+        mode = "reduce-overhead" if cuda_graphs else None
+        self._compiled = (torch.compile(self._inter_step, mode=mode, dynamic=False),
+                          torch.compile(self._intra, mode=mode, dynamic=False))
+        self._graph_caches = {} if cuda_graphs else None

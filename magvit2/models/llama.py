@@ -85,17 +85,28 @@ class FeedForward(nn.Module):
 class KVCache:
     """Static per-layer cache (B, heads, T_max, head_dim); `update` writes positions [pos, pos+n) in place.
 
-    The buffers are allocated on the first write, with that write's dtype (bf16 under autocast, else the model's)."""
+    The buffers are allocated on the first write, with that write's dtype (bf16 under autocast, else the model's),
+    or up front by `allocate` (the static path, whose compiled step must not allocate)."""
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device=None):
         self.shape, self.device = (batch, heads, max_len, head_dim), device
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
-    def update(self, pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def allocate(self, dtype: torch.dtype, device=None) -> None:
+        self.k = torch.zeros(self.shape, dtype=dtype, device=self.device or device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """pos an int: returns the prefix [0, pos+n). pos a 0-d tensor (static decode of one position): returns the
+        whole buffers, so every step has the same shapes (one compiled graph / CUDA graph for all positions); the
+        caller masks the keys past pos."""
         if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=self.device or k.device)
-            self.v = torch.zeros_like(self.k)
+            self.allocate(k.dtype, k.device)
+        if torch.is_tensor(pos):
+            self.k.index_copy_(2, pos.view(1), k)
+            self.v.index_copy_(2, pos.view(1), v)
+            return self.k, self.v
         n = k.shape[2]
         self.k[:, :, pos:pos + n] = k
         self.v[:, :, pos:pos + n] = v
@@ -114,17 +125,23 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(resid_dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, pos: int = 0) -> Tensor:
+                cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
         """x (B, L, dim). Without a cache: causal self-attention over the L positions. With a cache: the L new
-        positions start at `pos` and attend to the cached prefix plus themselves (causally)."""
+        positions start at `pos` and attend to the cached prefix plus themselves (causally); a 0-d tensor `pos`
+        (static decode, L = 1) attends over the whole cache with the keys past pos masked out."""
         B, L, _ = x.shape
+        if torch.is_tensor(pos) and L != 1:
+            raise ValueError(f"a tensor pos (static decode) takes one position at a time, got L={L}")
         q, k, v = self.wqkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(pos, k, v)
         p = self.attn_dropout if self.training else 0.0
-        if cache is None or pos == 0:
+        if torch.is_tensor(pos):
+            mask = torch.arange(k.shape[2], device=x.device).view(1, -1) <= pos
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif cache is None or pos == 0:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif L == 1:  # one new query sees the whole cached prefix: no mask needed
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
@@ -147,7 +164,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(dim, hidden, ffn_dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None, pos: int = 0) -> Tensor:
+                cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, cache, pos)
         return x + self.feed_forward(self.ffn_norm(x))
 

@@ -18,6 +18,7 @@ from magvit2.models.ar import subtoken_loss
 from magvit2.runtime.context import RunContext
 from magvit2.stages.generate import evaluate_generation
 from magvit2.stages.resolve import init_weights, load_tokenizer
+from magvit2.stages.tokenizer import compiled, fused
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     bits = list(cfg.factorization.bits)
     ckpt = ctx.open()
     model = build_ar(cfg, grid)
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.weight_decay_on), lr=t.lr, betas=tuple(t.betas))
+    opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.weight_decay_on), lr=t.lr, betas=tuple(t.betas),
+                            **fused(t, acc.device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
     if ckpt is not None:
@@ -93,7 +95,8 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
         if init:
             log.info(f"AR {ctx.signature} starts from {init}")
     model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model)
+    raw = acc.unwrap_model(model)  # plain names for checkpoints and sampling; only the training forward compiles
+    model = compiled(t, model)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
                                  acc.num_processes, t.grad_accum)
     workers = cfg.data.num_workers if mode == "online" else 0  # cached tokens are in memory

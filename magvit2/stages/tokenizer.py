@@ -29,6 +29,17 @@ def _step_decay(milestones):
     return lambda step: 0.1 ** sum(step >= m for m in ms)
 
 
+def fused(t, device) -> dict:
+    """trainer.<stage>.fused_adam: the fused CUDA kernel for the Adam(W) update (same update, one kernel), CUDA only."""
+    return {"fused": True} if t.get("fused_adam", False) and device.type == "cuda" else {}
+
+
+def compiled(t, model):
+    """trainer.<stage>.compile: torch.compile the training forward (after accelerate.prepare; the caller keeps the
+    unwrapped module, whose state_dict has no `_orig_mod.` prefix)."""
+    return torch.compile(model) if t.get("compile", False) else model
+
+
 def train_tokenizer(cfg) -> dict:
     ctx = RunContext(cfg, "tokenizer")
     done = ctx.acquire()
@@ -48,8 +59,8 @@ def _train(cfg, ctx: RunContext) -> dict:
     ckpt = ctx.open()
     model = build_tokenizer(cfg)
     disc, lecam = build_discriminator(cfg)
-    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=tuple(t.betas))
+    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), **fused(t, acc.device))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=t.lr, betas=tuple(t.betas), **fused(t, acc.device))
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _step_decay(t.lr_decay_steps))
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _step_decay(t.lr_decay_steps))
     start = 0
@@ -75,6 +86,7 @@ def _train(cfg, ctx: RunContext) -> dict:
     model, disc, opt_g, opt_d = acc.prepare(model, disc, opt_g, opt_d)
     lecam = lecam.to(acc.device)
     raw, raw_disc = acc.unwrap_model(model), acc.unwrap_model(disc)
+    model, disc = compiled(t, model), compiled(t, disc)
     # the EMA is built after prepare() moved the model, so its shadow lives on the accelerator too
     ema = EMA(raw, decay=t.ema_decay)
     if ckpt is not None:

@@ -1,0 +1,3 @@
+from magvit2.bench import main
+
+raise SystemExit(main())
