@@ -35,9 +35,13 @@ def fused(t, device) -> dict:
 
 
 def compiled(t, model):
-    """trainer.<stage>.compile: torch.compile the training forward (after accelerate.prepare; the caller keeps the
-    unwrapped module, whose state_dict has no `_orig_mod.` prefix)."""
-    return torch.compile(model) if t.get("compile", False) else model
+    """trainer.<stage>.compile: false | true (torch.compile's default inductor) | a backend name (e.g. aot_eager:
+    the same graph capture without code generation, to debug). After accelerate.prepare; the caller keeps the
+    unwrapped module, whose state_dict has no `_orig_mod.` prefix."""
+    c = t.get("compile", False)
+    if not c:
+        return model
+    return torch.compile(model) if c is True else torch.compile(model, backend=str(c))
 
 
 def train_tokenizer(cfg) -> dict:
