@@ -28,8 +28,10 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's noteb
 
 from IPython.display import Image, Markdown, display
 
-from magvit2.results import (ar_table, load_history, load_runs, missing_note, plot_curves, plot_scaling,
-                              plot_utilization, reference_table, resolve_uri, to_markdown, tokenizer_table)
+from magvit2.results import (aggregate, ar_table, load_history, load_runs, missing_note, plot_curves, plot_scaling,
+                              plot_utilization, reference_table, resolve_uri, seeds_markdown, to_markdown,
+                              tokenizer_table)
+from magvit2.results import experiments
 
 out = Path(out_dir)
 out.mkdir(parents=True, exist_ok=True)
@@ -49,17 +51,31 @@ df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
 # "FID (in-loop)" is the training run's samples against the validation images, not the paper's gFID (50,000
 # samples, 50 per class, vs the ADM ImageNet-256 reference batch). Losses are in nats; "steps (schedule)" are the
 # planned steps (status says whether the run got there); "params (incl. head)" counts every parameter, the 2^K-way
-# output head included.
+# output head included. Cost columns (where the runs logged them): wall time and device-hours (time x processes,
+# all attempts), training throughput, model FLOPs per step (AR analytic, tokenizer measured), MFU where the device's
+# peak is known (else a numbered reason), peak memory (GPU: max allocated; CPU: process max RSS).
+#
+# Members that differ only in seed form an arm: its table shows mean ± std and the 95% Student-t interval over its
+# n seeds, says which arms have n = 1, and whether the best arm's interval overlaps each other arm's.
 
 # %%
 sections = []
 tok = df[df["stage"] == "tokenizer"]
 ar = df[df["stage"] == "ar"]
+
+
+
+def with_seeds(t):
+    """The members table, and its seed aggregate when some arm has several seeds."""
+    several = "seed" in t.index.names
+    return to_markdown(t) + (f"\nBy arm, over seeds:\n\n{seeds_markdown(aggregate(t))}" if several else "")
+
+
 if len(tok):
-    sections.append("### Tokenizers (reconstruction, codebook)\n\n" + to_markdown(tokenizer_table(tok)))
+    sections.append("### Tokenizers (reconstruction, codebook)\n\n" + with_seeds(tokenizer_table(tok)))
 if len(ar):
     sections.append("### Autoregressive generators (factorization x model)\n\nFID (in-loop): N samples vs N val "
-                    "images, not the paper's 50k-sample gFID.\n\n" + to_markdown(ar_table(ar)))
+                    "images, not the paper's 50k-sample gFID.\n\n" + with_seeds(ar_table(ar)))
 # reference rows: released weights evaluated with `python -m magvit2.evaluate` in the same store
 refs = load_runs(tracking_uri=tracking_uri, reference=True)
 for stage, what in (("tokenizer", "tokenizers"), ("ar", "generators")):
@@ -71,10 +87,32 @@ tables_md = "\n".join(sections)
 display(Markdown(tables_md))
 
 # %% [markdown]
+# ## The experiment
+# A sweep of a ready experiment (`+experiment=NAME`, found in its members' overrides) gets its own section: its
+# columns, the seed aggregate with the overlap notes for its key metrics, and a plot of each key metric per arm
+# (mean, 95% interval). cross_dataset reads the `python -m magvit2.evaluate tokenizer` runs of its tokenizers.
+
+# %%
+name = experiments.detect(df)
+exp_pngs = []
+if name in experiments.EXPERIMENTS:
+    evals = None
+    if name == "cross_dataset":
+        try:
+            evals = load_runs(experiment="magvit2-evaluate", tracking_uri=tracking_uri)
+        except ValueError:  # nothing evaluated yet: the section says so
+            pass
+    exp_md, exp_pngs = experiments.section(df, name, out, evals)
+    (out / "tables.md").write_text(tables_md + "\n" + exp_md)
+    display(Markdown(exp_md))
+else:
+    print(f"no ready experiment detected ({name or 'none'}): the tables above are the report")
+
+# %% [markdown]
 # ## Plots
 
 # %%
-pngs, notes = [], []
+pngs, notes = list(exp_pngs), []
 
 
 def slug(key):

@@ -4,6 +4,9 @@ Cosine-similarity VQ as in ViT-VQGAN: encoder outputs and codes are l2-normalize
 nearest code is the one with the largest dot product, and the decoder gets the (unit-norm) code. The lookup is
 chunked over codes and tokens, so memory stays at token_chunk x chunk similarities even for 2^18 codes.
 
+distance="euclidean" is the plain VQ of VQGAN (Esser et al. 2021), the ablation's baseline: raw (not normalized)
+vectors, nearest code by L2 distance, codes initialized uniform(-1/C, 1/C) as there; run it with restart_dead=false.
+
 Dead codes: a code unused for `dead_after` consecutive training steps (usage summed over processes) is re-initialized
 every `restart_every` steps from a pool of recent encoder outputs (plus a little noise); the new rows come from rank
 0 so every process keeps the same codebook.
@@ -71,6 +74,7 @@ class VQ(nn.Module):
         restart_every: int = 100,
         pool_size: int = 65536,
         restart_noise: float = 0.05,
+        distance: str = "cosine",
     ):
         super().__init__()
         for name, value in [("codebook_size", codebook_size), ("dim", dim), ("dead_after", dead_after),
@@ -79,6 +83,10 @@ class VQ(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VQ {name} must be an int >= 1{' or None (auto)' if 'chunk' in name else ''}, "
                                  f"got {value!r}")
+        if distance not in ("cosine", "euclidean"):
+            raise ValueError(f"VQ distance must be 'cosine' (l2-normalized codes) or 'euclidean' (VQGAN's), "
+                             f"got {distance!r}")
+        self.distance = distance
         self.codebook_size = codebook_size
         self.dim = dim
         self.commit_weight = commit_weight
@@ -88,7 +96,9 @@ class VQ(nn.Module):
         self.token_chunk = token_chunk
         self.restart_every = restart_every
         self.restart_noise = restart_noise
-        self.embedding = nn.Parameter(F.normalize(torch.randn(codebook_size, dim), dim=1))
+        init = (F.normalize(torch.randn(codebook_size, dim), dim=1) if distance == "cosine"
+                else torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
+        self.embedding = nn.Parameter(init)
         # training steps since each code was last selected (anywhere in the global batch)
         self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.int32))
         # Recent normalized encoder outputs (per process) to restart from. A plain attribute, not a buffer: it is a
@@ -101,10 +111,20 @@ class VQ(nn.Module):
         self.last_restarted = 0
 
     def extra_repr(self) -> str:
-        return f"codebook_size={self.codebook_size}, dim={self.dim}, dead_after={self.dead_after}"
+        return f"codebook_size={self.codebook_size}, dim={self.dim}, distance={self.distance}"
 
     def normalized_codebook(self) -> Tensor:
-        return F.normalize(self.embedding.float(), dim=1)
+        """The codes the decoder gets: unit-norm (cosine) or as learned (euclidean)."""
+        e = self.embedding.float()
+        return F.normalize(e, dim=1) if self.distance == "cosine" else e
+
+    def _nearest(self, z: Tensor, codebook: Tensor) -> Tensor:
+        if self.distance == "cosine":
+            return nearest_code(z, codebook, self.chunk, self.token_chunk)
+        # argmin |z - c|^2 = argmax <[z, 1], [c, -|c|^2 / 2]>: the same chunked max-dot-product search
+        half_norm = -0.5 * codebook.pow(2).sum(1, keepdim=True)
+        return nearest_code(torch.cat([z, z.new_ones(z.shape[0], 1)], 1), torch.cat([codebook, half_norm], 1),
+                            self.chunk, self.token_chunk)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         if z.ndim != 4 or z.shape[1] != self.dim:
@@ -114,9 +134,10 @@ class VQ(nn.Module):
         if track and self.restart_dead and self._steps > 0 and self._steps % self.restart_every == 0:
             self._restart()  # before the lookup, so revived codes can be chosen at once and the graph sees one codebook
         with torch.autocast(device_type=z.device.type, enabled=False):  # argmax over 2^18 codes needs fp32
-            zn = F.normalize(rearrange(z, "b d h w -> (b h w) d").float(), dim=1)
+            zn = rearrange(z, "b d h w -> (b h w) d").float()
+            zn = F.normalize(zn, dim=1) if self.distance == "cosine" else zn
             codebook = self.normalized_codebook()
-            idx = nearest_code(zn.detach(), codebook.detach(), self.chunk, self.token_chunk)
+            idx = self._nearest(zn.detach(), codebook.detach())
             e = codebook[idx]  # gradient reaches only the selected rows
             codebook_loss = F.mse_loss(e, zn.detach())
             commit = F.mse_loss(zn, e.detach())
@@ -163,7 +184,7 @@ class VQ(nn.Module):
         pool = self._pool.to(self.embedding.device)
         pick = torch.randint(0, self._pool_count, (n_dead,), device=pool.device)
         rows = pool[pick] + self.restart_noise * torch.randn(n_dead, self.dim, device=pool.device)
-        rows = F.normalize(rows, dim=1).to(self.embedding.dtype)
+        rows = (F.normalize(rows, dim=1) if self.distance == "cosine" else rows).to(self.embedding.dtype)
         if _distributed():
             dist.broadcast(rows, src=0)
         self.embedding.data[dead] = rows
@@ -171,7 +192,7 @@ class VQ(nn.Module):
 
     @torch.no_grad()
     def indices_to_codes(self, indices: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """(B, H, W) indices -> (B, dim, H, W) unit-norm codes (what the decoder gets)."""
+        """(B, H, W) indices -> (B, dim, H, W) codes (what the decoder gets)."""
         if indices.ndim != 3 or indices.is_floating_point():
             raise ValueError(f"indices must be an integer (B, H, W) tensor, got {indices.dtype} {tuple(indices.shape)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):

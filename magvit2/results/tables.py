@@ -7,6 +7,9 @@ import math
 import numpy as np
 import pandas as pd
 
+from magvit2.results import stats
+from magvit2.results.stats import CONSTANT, SUM, arm_labels
+
 # Each metric with its N: "N img" (val images behind rFID/PSNR/SSIM/LPIPS), "N tokens" (codes behind utilization
 # and perplexity), "N samples" / "N val img" (the in-loop FID: samples vs validation images, not the paper's 50k
 # gFID protocol). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian one says so. Units in
@@ -17,7 +20,14 @@ TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR (dB)": "eval/psnr", "SSIM": "eva
                      "N tokens": "eval/n_tokens"}
 AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N val img": "eval/n_real",
               "val loss (nats)": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k (nats)", params
-PERCENT = {"eval/utilization"}  # fractions shown x100
+# What each run cost (logged by the run itself: magvit2.runtime.compute). Only the ones some run logged are shown.
+# Peak memory: the GPU's max allocated, or on CPU the process's max RSS (another quantity, hence its own column).
+COMPUTE_COLUMNS = {"wall (s)": "compute/wall_s", "device-hours": "compute/device_hours",
+                   "model GFLOP/step": "compute/flops_per_step", "MFU (%)": "compute/mfu",
+                   "peak GPU mem (GiB)": "compute/peak_gpu_mem_gib", "peak RSS (GiB, CPU)": "compute/peak_rss_gib"}
+THROUGHPUT = {"tokenizer": {"images/s": "compute/images_per_s"}, "ar": {"tokens/s": "compute/tokens_per_s"}}
+PERCENT = {"eval/utilization", "compute/mfu"}  # fractions shown x100
+GIGA = {"compute/flops_per_step"}
 # which way is better, for the bold best value of a column
 LOWER_BETTER = ("rFID", "LPIPS", "FID", "val loss")
 HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)")
@@ -29,19 +39,32 @@ def _stage(df: pd.DataFrame, stage: str) -> pd.DataFrame:
 
 
 def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
-    """Rows keyed by `keys` (+ any other config choice that varies, + run_name if rows still collide); status,
-    the stage's scheduled steps and the seed, then `columns`."""
+    """Rows keyed by `keys` (+ any other config choice that varies; if rows still collide, their arm (the overrides
+    that differ), then the seed, then run_name); status, the stage's scheduled steps and the seed (unless it keys
+    the rows), then `columns`, then the COMPUTE_COLUMNS some run logged."""
     levels = [k for k in keys if k in df and df[k].notna().any()]
     levels += [c for c in df.columns if c.startswith("choice.") and c[len("choice."):] not in keys
                and df[c].astype(str).nunique() > 1]
-    if not levels or df.duplicated(levels).any():
-        levels.append("run_name")
+    df = df.assign(arm=arm_labels(df))
+    columns = {**columns, **{n: c for n, c in {**THROUGHPUT.get(stage, {}), **COMPUTE_COLUMNS}.items()
+                             if c in df or any(c in m for m in df.get("missing", []) if isinstance(m, dict))}}
+    # rows that still collide: the overrides that tell them apart (the arm), then the seed, then the run
+    for extra in ("arm", "seed", "run_name"):
+        if extra not in df or (levels and not df.duplicated(levels).any()):
+            continue
+        within = df.groupby(levels, observed=True, dropna=False)[extra].nunique(dropna=False) if levels else None
+        if (within.max() if levels else df[extra].nunique(dropna=False)) > 1:
+            levels.append(extra)
+    levels = levels or ["run_name"]
     steps = f"trainer.{stage}.steps"  # every run logs the whole config: both stages' schedules
     out = pd.DataFrame({"status": df["status"].str.lower() if "status" in df else MISSING,
                         "steps (schedule)": pd.to_numeric(df[steps], errors="coerce") if steps in df else np.nan,
                         "seed": pd.to_numeric(df["seed"], errors="coerce") if "seed" in df else np.nan,
                         **{name: (pd.to_numeric(df[col], errors="coerce") * (100 if col in PERCENT else 1)
-                                  if col in df else np.nan) for name, col in columns.items()}}, index=df.index)
+                                  / (1e9 if col in GIGA else 1) if col in df else np.nan)
+                           for name, col in columns.items()}}, index=df.index)
+    if "seed" in levels:
+        out = out.drop(columns=["seed"])
     reasons = {}
     missing_text = []
     for i, miss in zip(df.index, df["missing"] if "missing" in df else [{}] * len(df)):
@@ -126,7 +149,7 @@ def to_markdown(table: pd.DataFrame) -> str:
         if _better(c) and vals.notna().sum() > 1:
             best[c] = getattr(vals, _better(c))()
     lines = ["| " + " | ".join(names + cols) + " |", "|" + "---|" * (len(names) + len(cols))]
-    notes: list[str] = []
+    notes: dict[tuple, list] = {}  # (column, reason) -> the rows it holds for: one numbered line per reason
     for key, row in table.iterrows():
         keys = list(key) if isinstance(key, tuple) else [key]
         cells = [str(k) for k in keys]
@@ -134,10 +157,50 @@ def to_markdown(table: pd.DataFrame) -> str:
             text = _fmt(row[c])
             why = reasons.get((key, c))
             if text == MISSING and why:
-                notes.append(f"{len(notes) + 1}. {c} of {'/'.join(map(str, keys))}: {why}")
-                text += f" ({len(notes)})"
+                notes.setdefault((c, why), []).append("/".join(map(str, keys)))
+                text += f" ({list(notes).index((c, why)) + 1})"
             elif c in best and row[c] == best[c]:
                 text = f"**{text}**"
             cells.append(text.replace("|", "\\|"))
         lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"{i}. {c} of {', '.join(rows)}: {why}" for i, ((c, why), rows) in enumerate(notes.items(), 1)]
     return "\n".join(lines + (["", "Missing values:", ""] + notes if notes else [])) + "\n"
+
+
+def _seed_cell(column: str, st: pd.Series) -> str:
+    """mean ± std [95% interval] over an arm's seeds; one seed says so; constants as their value or range."""
+    if column.startswith(CONSTANT):
+        return _fmt(st["lo"]) if st["lo"] == st["hi"] or pd.isna(st["hi"]) else f"{_fmt(st['lo'])}–{_fmt(st['hi'])}"
+    if column.startswith(SUM) or pd.isna(st["mean"]):
+        return _fmt(st["mean"])
+    if st["n"] < 2:
+        return f"{_fmt(st['mean'])} (n = 1)"
+    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])} [{_fmt(st['lo'])}, {_fmt(st['hi'])}]"
+
+
+def seeds_markdown(agg: pd.DataFrame, key_metrics: list[str] | None = None) -> str:
+    """The arms of a seed aggregate (magvit2.results.stats.aggregate) as a pipe table, each metric as mean ± std
+    [95% Student-t interval] over the arm's n seeds; in bold only a best arm whose interval clears every other arm's.
+    Under it: which arms have a single seed, whether the best arm's interval overlaps each other arm's for
+    `key_metrics` (default: every metric with a better direction), and the logged reasons of missing values."""
+    names = [n or "" for n in agg.index.names]
+    cols = [c for c in dict.fromkeys(agg.columns.get_level_values(0)) if c != "n seeds"]
+    bold = key_metrics if key_metrics is not None else cols  # per-sub-token losses differ in vocabulary: not ranked
+    best = {c: stats.clear_best(agg, c, _better(c) == "min") for c in cols if _better(c) and c in bold}
+    lines = ["| " + " | ".join(names + ["n seeds"] + cols) + " |", "|" + "---|" * (len(names) + 1 + len(cols))]
+    for key, row in agg.iterrows():
+        cells = [str(k) for k in (key if isinstance(key, tuple) else [key])] + [_fmt(row[("n seeds", "n")])]
+        for c in cols:
+            text = _seed_cell(c, row[c])
+            cells.append((f"**{text}**" if best.get(c) == key else text).replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    name = lambda k: "/".join(map(str, k)) if isinstance(k, tuple) else str(k)  # noqa: E731
+    single = [name(k) for k, n in agg[("n seeds", "n")].items() if n < 2]
+    notes = ["", "Mean ± std over seeds and the 95% Student-t interval of the mean; device-hours summed over seeds."]
+    if single:
+        notes.append(f"n = 1 (one seed: no spread, no interval; run seed=0,1,2 for one): {', '.join(single)}.")
+    for c in key_metrics if key_metrics is not None else [c for c in cols if _better(c)]:
+        notes += [f"- {line}" for line in stats.overlaps(agg, c, _better(c) == "min")]
+    why = sorted({(c, r) for (_, c), r in agg.attrs.get("missing", {}).items() if c in cols})
+    notes += [f"- {c} missing: {r}" for c, r in why]
+    return "\n".join(lines + notes) + "\n"

@@ -1,5 +1,6 @@
 """One stage's run inside this process: its RunDir (files), accelerator, MLflow member run (main process only) and
-preemption handler. A loop calls acquire, open, restore_rng, end_step after every optimizer step, then finish."""
+preemption handler. A loop calls acquire, open, restore_rng, end_step after every optimizer step, then finish.
+finish() also logs what the run cost (compute/*: magvit2.runtime.compute), so no training loop has to."""
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,9 @@ class RunContext:
         self.tracker = None  # the MLflow member run, on the main process once open
         self._lock = None
         self._nonfinite = None  # steps with a non-finite loss, counted on the device (no sync per step)
+        # this attempt's training clock: steps timed, seconds of in-loop eval/checkpoints to leave out, loop start
+        self._clock = {"steps": 0, "excluded": 0.0, "t0": None, "t1": None}
+        self._grid = None  # the AR's token grid side (derived.grid), for its FLOPs
 
     run_dir = property(lambda self: self.run.path)
     signature = property(lambda self: self.run.signature)
@@ -79,12 +83,19 @@ class RunContext:
         """Call last before the loop: model construction and DataLoader iterators draw from the RNG too."""
         if ckpt is not None:
             set_rng_state(self.run.load_rng(self.acc.process_index, ckpt))
+        from magvit2.runtime.compute import reset_peak_memory
+        reset_peak_memory(self.acc.device)
+        self._clock["t0"] = time.perf_counter()
 
     def log(self, metrics: dict, step: int) -> None:
         if self.is_main and self.tracker is not None and metrics:
             self.tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step)
 
     def log_params(self, params: dict) -> None:
+        if "derived.grid" in params:  # kept in status.json too: a resumed attempt logs no params but needs it
+            self._grid = int(params["derived.grid"])
+            if self.is_main:
+                self.run.write_status(grid=self._grid)
         if self.is_main and self.tracker is not None:
             try:
                 self.tracker.log_params({k: str(v) for k, v in params.items()})
@@ -132,10 +143,13 @@ class RunContext:
                                       steps_per_s=rate)
             bar.set_postfix({label: f"{logged[k]:.3f}" for label, k in postfix.items()})
         bar.update(1)
+        tic = time.perf_counter()  # in-loop eval and checkpoints are not training throughput
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             self.log(evaluate(), step)
         if step % t.ckpt_every == 0 and step != t.steps:
             self.save(step, payload())
+        now = time.perf_counter()
+        self._clock.update(steps=self._clock["steps"] + 1, excluded=self._clock["excluded"] + now - tic, t1=now)
         if self.preempt.requested(self.acc):  # one all-reduce per step when distributed: asked once
             self.check_finite(step)
             self.save(step, payload())
@@ -150,7 +164,10 @@ class RunContext:
         if self.is_main:
             clean = {k: v for k, v in results.items() if isinstance(v, (int, float))}
             self.run.write_status(state="finished", step=step, metrics=clean)
-            self.run.write_results(results)
+            cost = self._account()
+            if cost:
+                self.run.write_status(metrics={**clean, **cost})
+            self.run.write_results({**results, **cost})
             if self.tracker is not None:  # the final eval table; the checkpoint is referenced, not copied
                 from magvit2 import tracking
                 self.tracker.log_dict(results, "eval.json")
@@ -159,6 +176,51 @@ class RunContext:
         self.preempt.uninstall()
         self.acc.wait_for_everyone()
         return {"run_dir": str(self.run_dir), "signature": self.signature, **results}
+
+    def _account(self) -> dict:
+        """compute/* of this run, logged to MLflow (a quantity that cannot be known is logged missing, with why).
+        Throughput and FLOP/s are of this attempt's training steps; wall time and device-hours of all attempts."""
+        from magvit2.runtime import compute
+        from magvit2.runtime.tracker import run_seconds
+        from magvit2.sweep.summary import run_device_hours
+        try:
+            c, dev, world = self._clock, self.acc.device, self.acc.num_processes
+            st = self.run.read_status()
+            out = {"compute/wall_s": run_seconds(st), "compute/device_hours": run_device_hours(self.run.path),
+                   "compute/world_size": float(world)}
+            mem_key, out[mem_key] = compute.peak_memory(dev)
+            missing, grid = {}, self._grid or st.get("grid")
+            flops, how = compute.flops_per_step(self.cfg, self.stage, grid)
+            peak, peak_src = compute.peak_flops(dev, str(self.t.precision))
+            train_s = (c["t1"] or 0) - (c["t0"] or 0) - c["excluded"]
+            if c["steps"] and train_s > 0:
+                rate = c["steps"] / train_s
+                out["compute/steps_per_s"] = rate
+                out["compute/images_per_s"] = rate * int(self.t.batch_size)
+                if self.stage == "ar" and grid:
+                    out["compute/tokens_per_s"] = out["compute/images_per_s"] * int(grid) ** 2
+            else:
+                missing["compute/steps_per_s"] = "no training step in this attempt (resumed at its last step)"
+            if flops is None:
+                missing["compute/flops_per_step"] = how
+            else:
+                out["compute/flops_per_step"] = flops
+                if "compute/steps_per_s" in out:
+                    out["compute/achieved_tflops"] = flops * out["compute/steps_per_s"] / 1e12
+                    if peak is None:
+                        missing["compute/mfu"] = peak_src
+                    else:
+                        out["compute/mfu"] = flops * out["compute/steps_per_s"] / (peak * world)
+            if self.tracker is not None:
+                self.log(out, int(self.t.steps))
+                for k, why in missing.items():
+                    self.tracker.log_missing(k, why)
+                self.tracker.set_tags({compute.DEVICE_TAG: compute.device_name(dev), compute.FLOPS_TAG: how,
+                                       compute.PEAK_TAG: peak_src})
+            return out
+        except Exception as e:  # noqa: BLE001 - the accounting never fails a trained run
+            log.warning(f"compute accounting of {self.signature} skipped: {type(e).__name__}: {e}")
+            return {}
 
     def fail(self, err: BaseException) -> None:
         """Status and MLflow run set to failed (diverged) as far as possible: a full disk or a dead server must not

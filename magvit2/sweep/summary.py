@@ -15,10 +15,11 @@ DEVICE_HOURS = "training wall time x processes (1 if not recorded), summed over 
 def device_hours(rows: list[dict]) -> tuple[float, int]:
     """(device-hours, runs counted) of the members and the shared tokenizer runs they train first."""
     runs = rows + state.shared_rows(rows)
-    return sum(_device_hours(r["run_dir"]) for r in runs), len(runs)
+    return sum(run_device_hours(r["run_dir"]) for r in runs), len(runs)
 
 
-def _device_hours(run_dir: str) -> float:
+def run_device_hours(run_dir) -> float:
+    """One run's device-hours from its status.json (also logged by the run itself as compute/device_hours)."""
     st = RunDir(run_dir).read_status()
     return run_seconds(st) * int(st.get("world_size") or 1) / 3600
 
@@ -39,7 +40,7 @@ def results_table(rows: list[dict]):
         metrics = {(f"{k} (%)" if "utilization" in k else k): (100 * v if "utilization" in k else v)
                    for k, v in sorted(metrics.items())}
         recs.append({"member": r["member"], "state": r["state"], "step": r.get("step", 0), "steps": r.get("steps"),
-                     "device-hours": _device_hours(r["run_dir"]), **metrics,
+                     "device-hours": run_device_hours(r["run_dir"]), **metrics,
                      "signature": r["signature"], "run_dir": r["run_dir"]})
     return pd.DataFrame(recs)
 
