@@ -76,12 +76,12 @@ def test_fused_adam_only_on_cuda_and_speed_switches_keep_signatures():
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_ar_step_equals_eager():
-    m = FactorizedAR(ar_train.config("tiny"))
-    m.cfg.class_dropout, m.embed_drop.p = 0.0, 0.0
-    m.eval()  # no dropout: both forms see the same function
+    # the smallest model with every part (inter + intra blocks, 2D RoPE, two heads): inductor's compile time grows
+    # with the graph, and the equality does not need depth
+    m = tiny(dtype=torch.float32)
     for h in m.heads:
         torch.nn.init.normal_(h.weight, 0.0, 0.02)
-    sub = torch.stack([torch.randint(0, v, (2, 64)) for v in m.cfg.vocab_sizes], -1)
+    sub = torch.stack([torch.randint(0, v, (2, 16)) for v in m.cfg.vocab_sizes], -1)
     y = torch.tensor([1, 2])
     grads = []
     for fwd in (m, torch.compile(m)):
