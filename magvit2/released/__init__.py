@@ -20,7 +20,7 @@ from . import ar as A
 from . import files
 from . import tokenizer as T
 from .consume import Consumer
-from .files import is_reference_file, kind
+from .files import kind
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ TOKENIZER_SETTINGS = {"adagn_variance": "unbiased", "adagn_scale_init": "default
 AR_SETTINGS = {"class_rope": "zero"}
 WEIGHTS = ("raw", "ema")
 
-__all__ = ["is_reference_file", "kind", "load_tokenizer", "load_ar", "into_tokenizer", "into_ar",
+__all__ = ["kind", "load_tokenizer", "load_ar", "into_tokenizer", "into_ar",
            "export_tokenizer", "export_ar", "TOKENIZER_SETTINGS", "AR_SETTINGS"]
 
 

@@ -34,8 +34,12 @@ class Opaque:
         pass
 
 
+# torch's tensor rebuilders, by name: none of them calls an argument (unlike _rebuild_from_type*, which would)
+_REBUILD = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")
+
+
 def _allowed(module: str, name: str):
-    if module == "torch._utils" and name.startswith("_rebuild_") and name != "_rebuild_from_type_v2":
+    if module == "torch._utils" and name in _REBUILD:
         return getattr(torch._utils, name)
     if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
         return getattr(torch, name)
@@ -68,7 +72,9 @@ def read(path, setting: str) -> dict:
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:  # objects besides tensors: read again, building none of them
+            except pickle.UnpicklingError:  # objects besides tensors: read again, building none of them.
+                # weights_only=False only hands unpickling to _DataOnly, whose find_class resolves nothing but
+                # tensor rebuilders and plain containers: any other global becomes an inert Opaque, so no code runs
                 obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_DataOnly)
     except Exception as e:  # noqa: BLE001 - any reason a file does not read is reported the same way
         raise ConfigError(f"{setting}: {path} is not a readable torch checkpoint ({type(e).__name__}: "
@@ -87,17 +93,6 @@ def kind(sd: dict) -> str | None:
     if TOKENIZER_MARK in sd:
         return "tokenizer"
     return None
-
-
-def is_reference_file(path) -> bool:
-    """True for a file of the original's layout (read only when its name or a cheap probe says it may be one)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    try:
-        return kind(read(p, str(p))) is not None
-    except ConfigError:
-        return False
 
 
 def write(path, state_dict: dict, extra: dict | None = None) -> None:
