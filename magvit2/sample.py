@@ -1,5 +1,6 @@
 """Sample from a trained AR run: `python -m magvit2.sample RUN_DIR [--per-class N] [--classes 0 1 ..]
-[--cfg-scale 1.9 2.0] [--temperature 1.0 1.0] [--top-k K] [--top-p P] [--seed S] [--out DIR]`.
+[--cfg-scale 1.9 2.0] [--temperature 1.0 1.0] [--top-k K] [--top-p P] [--seed S] [--cache static]
+[--compile true] [--out DIR]`.
 
 RUN_DIR may also be its checkpoint.pt or a released Open-MAGVIT2 AR .ckpt (sampling settings: conf/sampling/<size>).
 Writes samples.png (a grid, one row per class) and samples.npz (ADM-evaluator layout) into --out.
@@ -32,17 +33,18 @@ def main(argv=None) -> int:
     from magvit2.evaluate.sources import load_ar_source, sampling_settings
     from magvit2.metrics import export_adm_npz
     from magvit2.metrics.grids import as_numpy_uint8
-    from magvit2.stages.generate import class_labels, grid_title, sample_images, save_sample_grid
+    from magvit2.stages.generate import class_labels, grid_title, sample_images, sampler, save_sample_grid
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # every file is loaded with weights_only=True: a checkpoint must never run code
         model, tokenizer, src = load_ar_source(a.run_dir)
         s = sampling_settings(src, a)
+        sampler(s, device)  # the run's (or the flags') cache / compile: before sampling starts
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.per_class is not None:
         s.per_class = a.per_class
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tokenizer.to(device)
     num_classes = model.cfg.num_classes
@@ -73,13 +75,19 @@ def add_sampling_args(ap) -> None:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--cache", default=None, metavar="dynamic|static|none", help="sampling.cache: the KV cache "
+                    "(speed only, the same draws): dynamic (growing, the default), static (preallocated), none")
+    ap.add_argument("--compile", default=None, metavar="false|true|cuda_graphs", help="sampling.compile: "
+                    "torch.compile the static-cache sampler (needs --cache static); cuda_graphs: CUDA only")
 
 
 def apply_sampling_args(s, a):
     """The sampling config `s` with the flags of add_sampling_args that were given set in it."""
-    for key, val in (("top_k", a.top_k), ("top_p", a.top_p), ("seed", a.seed)):
+    for key, val in (("top_k", a.top_k), ("top_p", a.top_p), ("seed", a.seed), ("cache", a.cache)):
         if val is not None:
             s[key] = val
+    if a.compile is not None:
+        s.compile = COMPILE_FLAG[a.compile]
     if a.cfg_scale:
         s.cfg_scale = a.cfg_scale if len(a.cfg_scale) > 1 else a.cfg_scale[0]
     if a.temperature:
@@ -100,7 +108,14 @@ def check_args(a) -> str | None:
             return f"{flag} {' '.join(map(str, vals))}: every value must be a finite number"
     if a.temperature and min(a.temperature) <= 0:
         return f"--temperature {' '.join(map(str, a.temperature))}: every value must be > 0"
+    if a.cache is not None and a.cache not in ("dynamic", "static", "none"):
+        return f"--cache {a.cache}: use dynamic (the growing KV cache, the default), static (preallocated) or none"
+    if a.compile is not None and a.compile not in COMPILE_FLAG:
+        return f"--compile {a.compile}: use false, true (torch.compile; with --cache static) or cuda_graphs (CUDA)"
     return None
+
+
+COMPILE_FLAG = {"false": False, "true": True, "cuda_graphs": "cuda_graphs"}  # --compile -> sampling.compile
 
 
 if __name__ == "__main__":

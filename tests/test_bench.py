@@ -37,6 +37,11 @@ def test_bench_runs_every_mode_without_the_training_stack(tmp_path):
         eager = next(r for r in res["modes"][mode]["rows"] if r["variant"] == "eager")
         assert eager["flops"] > 0 and eager["mfu"] > 0 and eager["time_s"] > 0
         assert "skipped" in next(r for r in res["modes"][mode]["rows"] if r["variant"] == "compile")["note"]
+    train = _rows(res, "ar-train")  # activation checkpointing beside eager: same loss, fewer kept activations
+    eager, ckpt = (train[("tiny batch 16 T=64", v)] for v in ("eager", "checkpointed"))
+    assert ckpt["time_s"] > 0 and ckpt["peak_bytes"] > 0 and ckpt["memory_ratio"] > 0 and ckpt["speedup"] > 0
+    assert ckpt["rel_diff_loss"] == 0  # its gradients are eager's: the second step's loss is the same to the bit
+    assert 0 < ckpt["saved_bytes"] < eager["saved_bytes"] / 2
     sample = res["modes"]["ar-sample"]["rows"]
     assert all(r["identical_to_plain"] for r in sample if r.get("time_s"))
     assert {r["variant"] for r in sample if r.get("time_s")} == {"plain loop", "KV cache", "static cache"}

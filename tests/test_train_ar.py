@@ -70,6 +70,11 @@ def test_headline_sweep_with_tiny_models_end_to_end(root, start_train):
     for r in children:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert {"train/loss_1", "train/loss_2", "train/acc_1", "train/tokens_per_s", "val/loss"} <= set(r.data.metrics)
+        assert r.data.metrics["compute/sample_images_per_s"] > 0  # the in-loop sampling's throughput
+        # train/lr at step s is the lr step s used: warmup from 0.005x, then the decay ends at final_lr_ratio
+        lrs = [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/lr")]
+        peak = float(r.data.params["trainer.ar.lr"])
+        assert lrs[0] == (1, pytest.approx(0.005 * peak)) and lrs[-1] == (6, pytest.approx(0.1 * peak)), lrs
         assert "magvit2.missing.eval/fid" in r.data.tags  # no Inception weights offline: missing, not faked
 
     # the same sweep again trains nothing and reports the stored results; meanwhile (reads only), the sampling CLI

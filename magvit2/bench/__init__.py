@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from . import ar_sample, ar_train, data, lfq, loop, tokenizer
-from .common import DTYPES, hardware, matmul_peak, peak_memory_method
+from .common import DTYPES, hardware, matmul_peak, mmap_large_blocks, peak_memory_method
 
 MODES = {"lfq": lfq, "tokenizer": tokenizer, "ar-train": ar_train, "ar-sample": ar_sample, "data": data, "loop": loop}
-EXTRA = ("speedup", "memory_ratio", "rel_diff_values", "rel_diff_grad", "identical_to_plain", "overhead", "max_k",
-         "per_worker", "prob_sum_error", "per_step_at_ckpt_every", "bytes", "note")
+EXTRA = ("speedup", "memory_ratio", "rel_diff_values", "rel_diff_grad", "rel_diff_loss", "identical_to_plain",
+         "overhead", "max_k", "per_worker", "prob_sum_error", "per_step_at_ckpt_every", "bytes", "saved_bytes", "note")
 
 
 def _fmt(v, key: str = "") -> str:
@@ -74,6 +74,11 @@ def main(argv=None) -> int:
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     quick = a.quick or a.smoke or not a.modes
     torch.manual_seed(0)
+    if device.type == "cpu":
+        try:
+            mmap_large_blocks()
+        except OSError:  # no glibc: peak_bytes reports None
+            pass
     peak = matmul_peak(device, dtype, 256 if a.smoke else None)
     results = {"hardware": hardware(device), "torch": torch.__version__, "python": sys.version.split()[0],
                "dtype": str(dtype).removeprefix("torch."), "quick": quick, "smoke": a.smoke,

@@ -55,9 +55,17 @@ def peak_memory_method(device: torch.device) -> str:
     return "CPU peak RSS (VmHWM = getrusage ru_maxrss, reset via /proc/self/clear_refs) above the RSS before the call"
 
 
+def mmap_large_blocks() -> None:
+    """M_MMAP_THRESHOLD = -3: a fixed threshold, no dynamic growth that keeps freed blocks. Set before a mode's first
+    step (bench main), else blocks its warm-up steps freed stay resident and a later step's peak hides in them."""
+    global _MMAP_SET
+    if not _MMAP_SET:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+        _MMAP_SET = True
+
+
 def peak_bytes(fn, device: torch.device) -> int | None:
     """Peak memory that one call of fn() adds (None where it cannot be measured here)."""
-    global _MMAP_SET
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,9 +74,7 @@ def peak_bytes(fn, device: torch.device) -> int | None:
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
     try:
-        if not _MMAP_SET:  # M_MMAP_THRESHOLD = -3: fixed threshold, no dynamic growth that keeps freed blocks
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
-            _MMAP_SET = True
+        mmap_large_blocks()
         Path("/proc/self/clear_refs").write_text("5")
         base = _cpu_status("VmRSS")
     except OSError:

@@ -55,11 +55,12 @@ def check(a) -> None:
 def run(a) -> dict:
     from magvit2.metrics.grids import as_numpy_uint8
     from magvit2.runs import FileLock
-    from magvit2.stages.generate import class_labels, item_seed, sample_images
+    from magvit2.stages.generate import class_labels, item_seed, sample_images, sampler
     check(a)  # before any loading: a typo fails at once
     rank, world, how = shards.rank_world()
     model, tok, src = load_ar_source(a.source, a.tokenizer, a.tokenizer_weights)
     s = sampling_settings(src, a)
+    sampler(s, shards.local_device())  # cache / compile: speed only, so not in the pinned settings (same draws)
     m = model.num_subtokens
     n_cls = a.num_classes or model.cfg.num_classes
     if n_cls > model.cfg.num_classes:

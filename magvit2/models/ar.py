@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..quantizers.subtokens import merge_subtokens, split_indices
 from .llama import Block, KVCache, RMSNorm, block_params, ffn_hidden, rope_table
@@ -183,10 +184,20 @@ class FactorizedAR(nn.Module):
         x = torch.cat(slots, dim=1)
         rope = self._rope(0, x.shape[1]) if self.cfg.class_rope == "zero" else None
         for blk in self.intra:
-            x = blk(x, rope)
+            x = self._block(blk, x, rope)
         return self.norm(x)
 
     # ---- training -----------------------------------------------------------------------------------------------
+    # Activation checkpointing (trainer.ar.activation_checkpointing): each block's activations are recomputed in the
+    # backward instead of kept, for memory (L / XL on one GPU). The same math: torch's checkpoint restores the RNG
+    # state before recomputing, so the dropout masks are the forward's. Training forward only (never in generate).
+    activation_checkpointing: bool = False
+
+    def _block(self, blk: nn.Module, x: Tensor, rope) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, rope, use_reentrant=False)
+        return blk(x, rope)
+
     def forward(self, sub: Tensor, labels: Tensor) -> list[Tensor]:
         """Teacher forcing. sub (B, T, M) int, labels (B,) -> M logits tensors (B, T, 2^k_j)."""
         self._check_sub(sub)
@@ -199,7 +210,7 @@ class FactorizedAR(nn.Module):
         x = self.embed_drop(x)
         rope = self._rope(0, T)
         for blk in self.inter:
-            x = blk(x, rope)
+            x = self._block(blk, x, rope)
         if not self.intra:  # ablation: independent heads on norm(h_t)
             hn = self.norm(x)
             return [head(hn) for head in self.heads]

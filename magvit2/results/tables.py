@@ -25,7 +25,8 @@ AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n
 COMPUTE_COLUMNS = {"wall (s)": "compute/wall_s", "device-hours": "compute/device_hours",
                    "model GFLOP/step": "compute/flops_per_step", "MFU (%)": "compute/mfu",
                    "peak GPU mem (GiB)": "compute/peak_gpu_mem_gib", "peak RSS (GiB, CPU)": "compute/peak_rss_gib"}
-THROUGHPUT = {"tokenizer": {"images/s": "compute/images_per_s"}, "ar": {"tokens/s": "compute/tokens_per_s"}}
+THROUGHPUT = {"tokenizer": {"images/s": "compute/images_per_s"},
+              "ar": {"tokens/s": "compute/tokens_per_s", "sampling images/s": "compute/sample_images_per_s"}}
 PERCENT = {"eval/utilization", "compute/mfu"}  # fractions shown x100
 GIGA = {"compute/flops_per_step"}
 # which way is better, for the bold best value of a column

@@ -16,7 +16,7 @@ from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.build import build_ar, build_token_dataset
 from magvit2.models.ar import subtoken_loss
 from magvit2.runtime.context import RunContext
-from magvit2.stages.generate import evaluate_generation
+from magvit2.stages.generate import evaluate_generation, sampler
 from magvit2.stages.resolve import init_weights, load_tokenizer
 from magvit2.stages.tokenizer import compiled, fused
 
@@ -50,6 +50,8 @@ def param_groups(model, weight_decay: float, decay_on: str = "all"):
 
 
 def train_ar(cfg) -> dict:
+    # the device check of the sampler settings, before the AR stage works (the device make_accelerator will pick)
+    sampler(cfg.sampling, "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, tok_id, tok_info = load_tokenizer(cfg)
     ctx = RunContext(cfg, "ar")
     done = ctx.acquire()
@@ -75,6 +77,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     bits = list(cfg.factorization.bits)
     ckpt = ctx.open()
     model = build_ar(cfg, grid)
+    model.activation_checkpointing = bool(t.get("activation_checkpointing", False))  # validated in config
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay, t.weight_decay_on), lr=t.lr, betas=tuple(t.betas),
                             **fused(t, acc.device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
@@ -121,6 +124,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
                     acc.clip_grad_norm_(model.parameters(), t.grad_clip)
                 opt.step(), opt.zero_grad(set_to_none=True)
             seen += sub.shape[0] * sub.shape[1]
+        lr = sched.get_last_lr()[0]  # the lr this step used (after sched.step() it is the next step's)
         sched.step()
         step1 = step + 1
 
@@ -128,7 +132,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
             nonlocal tic, seen
             dt = time.perf_counter() - tic
             m = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in stats.items()},
-                 "train/lr": sched.get_last_lr()[0]}
+                 "train/lr": lr}
             out = {k: float(acc.reduce(v.float(), "mean")) if torch.is_tensor(v) else float(v) for k, v in m.items()}
             out["train/tokens_per_s"] = seen * acc.num_processes / max(dt, 1e-9)
             out.update(skipped_images(train_ds))  # data.on_bad_image=skip (tokens=online): images replaced so far

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -10,10 +11,20 @@ from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
 from magvit2 import tracking
-from magvit2.config import subtoken_values
+from magvit2.config import ConfigError, sampler_settings, subtoken_values
 from magvit2.metrics.grids import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)
+
+def sampler(sampling, device) -> tuple[bool | str, bool | str]:
+    """(use_cache, compile) of sampling.cache / sampling.compile (config.sampler_settings), checked against the
+    device that samples."""
+    use_cache, comp = sampler_settings(sampling)
+    if comp == "cuda_graphs" and torch.device(device).type != "cuda":
+        raise ConfigError(f"sampling.compile=cuda_graphs (--compile cuda_graphs) needs a CUDA device, this one is "
+                          f"{torch.device(device).type}: use sampling.compile=true (torch.compile only) or false "
+                          f"(--compile true|false)")
+    return use_cache, comp
 
 
 @torch.no_grad()
@@ -24,6 +35,9 @@ def sample_images(model, tokenizer, labels: torch.Tensor, sampling, seed: int, b
     item_seeds (one per label): each sample draws from its own seed instead (`seed` is then unused), so its draws
     do not depend on which batch, process or batch size drew it. Equal batches give equal bits; other batch sizes
     can round the batched matmuls and convs differently (pixels off by one, rarely a draw at a near-tie)."""
+    use_cache, comp = sampler(sampling, device)
+    if comp and model._compiled is None:  # once per model: later calls reuse the compiled step
+        model.compile_sampling(cuda_graphs=comp == "cuda_graphs")
     was = model.training
     model.eval()
     out = []
@@ -37,7 +51,8 @@ def sample_images(model, tokenizer, labels: torch.Tensor, sampling, seed: int, b
             u = item_uniforms(item_seeds[s:s + batch_size], model.cfg.seq_len * m, device)
         sub = model.generate(y, cfg_scale=subtoken_values(sampling.cfg_scale, m, "sampling.cfg_scale"),
                              temperature=subtoken_values(sampling.temperature, m, "sampling.temperature"),
-                             top_k=sampling.top_k, top_p=sampling.top_p, generator=g, uniforms=u)
+                             top_k=sampling.top_k, top_p=sampling.top_p, generator=g, uniforms=u,
+                             use_cache=use_cache)
         idx = model.merge(sub).view(-1, grid, grid)
         out.append(tokenizer.decode_indices(idx).float().clamp(-1, 1).cpu())
     model.train(was)
@@ -89,10 +104,14 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     acc, s = ctx.acc, cfg.sampling
     labels = class_labels(cfg.model.num_classes, s.per_class)
     mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
+    # throughput: all samples / the slowest rank's seconds (tokens, decode, and sampling.compile's compilation);
+    # sample_images ends on a host copy, so the clock stops after the device work
+    tic = time.perf_counter()
     imgs = sample_images(model, tokenizer, labels[mine], s, s.seed + acc.process_index, s.batch_size, acc.device,
                          show=ctx.is_main)
+    secs = float(acc.gather(torch.tensor([time.perf_counter() - tic], device=acc.device)).max())
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
-    res = {"eval/n_samples": float(len(labels))}
+    res = {"eval/n_samples": float(len(labels)), "compute/sample_images_per_s": len(labels) / max(secs, 1e-9)}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
         gm = M.GenerationMetrics(inception, device=acc.device)
         val = build_dataset(cfg.data, "val", cfg.seed)

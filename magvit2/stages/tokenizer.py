@@ -136,6 +136,7 @@ def _train(cfg, ctx: RunContext) -> dict:
                         d_loss = d_hinge + L.lecam_weight * reg
                     acc.backward(d_loss)
                     opt_d.step(), opt_d.zero_grad(set_to_none=True)
+        lr = sched_g.get_last_lr()[0]  # the lr this step used (after sched_g.step() it is the next step's)
         sched_g.step()
         with warnings.catch_warnings():  # D's lr decay follows the global step, also before disc_start
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
@@ -145,7 +146,7 @@ def _train(cfg, ctx: RunContext) -> dict:
 
         def metrics():
             m = {"train/loss": loss, "train/rec_l1": rec, "train/perceptual": p_loss, "train/g_adv": g_adv,
-                 "train/lr": sched_g.get_last_lr()[0], "train/utilization_batch":
+                 "train/lr": lr, "train/utilization_batch":
                  torch.unique(q.indices).numel() / raw.quantizer.codebook_size,
                  **{f"train/{k}": v for k, v in q.stats.items()}}
             if gan_on:
