@@ -16,7 +16,8 @@ STAGES = ("tokenizer", "ar")
 # Keys that never change a run's result (cadence, parallelism, data loading speed, kernel choice).
 _CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers",
                  "max_nonfinite_steps",  # a healthy run ignores it; raising it resumes a diverged run
-                 "compile", "fused_adam")  # the same math in other kernels (float rounding aside)
+                 "compile", "fused_adam",  # the same math in other kernels (float rounding aside)
+                 "cache", "activation_checkpointing")  # sampler KV-cache layout; memory traded for recompute
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,11 @@ def validate(cfg: DictConfig) -> None:
             vals = subtoken_values(cfg.sampling[key], len(bits), f"sampling.{key}")
             if key == "temperature" and min(vals) <= 0:
                 raise ConfigError(f"sampling.temperature={vals} must be > 0 for every sub-token")
+        sampler_settings(cfg.sampling)
+        ac = cfg.trainer.ar.get("activation_checkpointing", False)
+        if not isinstance(ac, bool):
+            raise ConfigError(f"trainer.ar.activation_checkpointing={ac!r}: use true (recompute the blocks' "
+                              f"activations in the backward, for memory) or false (keep them, the default)")
         init = cfg.model.get("init_from")
         if init not in (None, "") and not Path(str(init)).expanduser().exists():
             raise ConfigError(f"model.init_from={init} does not exist: give a released Open-MAGVIT2 AR .ckpt, an AR "
@@ -92,6 +98,27 @@ def validate(cfg: DictConfig) -> None:
         _check_classes(cfg)
 
 
+# sampling.cache -> FactorizedAR.generate's use_cache: dynamic (the growing KV cache, the default), static
+# (preallocated, the same shapes every step: what compile / CUDA graphs need), none (recompute the whole prefix).
+SAMPLER_CACHE = {"dynamic": True, "static": "static", "none": False}
+
+
+def sampler_settings(sampling) -> tuple[bool | str, bool | str]:
+    """(use_cache, compile) from sampling.cache / sampling.compile (absent in older runs' configs: the defaults), or a
+    ConfigError naming the setting. Speed only: every choice draws the same tokens (run signatures ignore them).
+    Whether the device can run them (cuda_graphs) is checked where it samples: a SLURM submit host has no GPU."""
+    cache, comp = sampling.get("cache", "dynamic"), sampling.get("compile", False)
+    if not isinstance(cache, str) or cache not in SAMPLER_CACHE:
+        raise ConfigError(f"sampling.cache={cache!r} (--cache): use dynamic (the growing KV cache, the default), "
+                          f"static (preallocated, fixed shapes) or none (recompute the prefix every step)")
+    if not isinstance(comp, bool) and comp != "cuda_graphs":
+        raise ConfigError(f"sampling.compile={comp!r} (--compile): use false | true | cuda_graphs")
+    if comp and cache != "static":
+        raise ConfigError(f"sampling.compile={comp} compiles the static-cache sampler (fixed shapes): set "
+                          f"sampling.cache=static (--cache static) too, or sampling.compile=false")
+    return SAMPLER_CACHE[cache], comp
+
+
 def _positive_int(value, name: str, fix: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name}={value!r} must be an integer >= 1: {fix}")
@@ -100,6 +127,10 @@ def _positive_int(value, name: str, fix: str) -> None:
 def _check_numbers(cfg: DictConfig) -> None:
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer (e.g. seed=0)")
+    ts = cfg.tokens.get("seed", 0) if cfg.stage == "ar" and "tokens" in cfg else 0
+    if not isinstance(ts, int) or isinstance(ts, bool):
+        raise ConfigError(f"tokens.seed={ts!r} must be an integer: the seed of the tokenizer an AR run trains "
+                          f"first (e.g. tokens.seed=0, the default, or tokens.seed='${{seed}}' for one per AR seed)")
     _positive_int(cfg.tracking.log_every, "tracking.log_every", "log every N steps, e.g. tracking.log_every=10")
     for stage in STAGES:
         t = cfg.trainer[stage]
@@ -240,7 +271,17 @@ def data_identity(cfg: DictConfig) -> dict:
 def tokenizer_signature(cfg: DictConfig) -> str:
     """What determines a trained tokenizer: architecture, quantizer, losses, data, schedule, seed."""
     return _hash({"tokenizer": to_dict(cfg.tokenizer), "quantizer": to_dict(cfg.quantizer), "data": data_identity(cfg),
-                  "trainer": _strip(to_dict(cfg.trainer.tokenizer)), "seed": cfg.seed})
+                  "trainer": _strip(to_dict(cfg.trainer.tokenizer)), "seed": tokenizer_seed(cfg)})
+
+
+def tokenizer_seed(cfg: DictConfig) -> int:
+    """The tokenizer's seed: `seed` in a tokenizer run; in an AR run, tokens.seed (fixed, so AR seeds share it)."""
+    return cfg.seed if cfg.stage == "tokenizer" or "tokens" not in cfg else cfg.tokens.get("seed", cfg.seed)
+
+
+def tokenizer_config(cfg: DictConfig) -> DictConfig:
+    """The config of the tokenizer run an AR run (tokens.tokenizer=auto) trains first."""
+    return OmegaConf.merge(cfg, {"stage": "tokenizer", "seed": tokenizer_seed(cfg)})
 
 
 def tokenizer_source(cfg: DictConfig) -> str:
@@ -257,11 +298,20 @@ def _model_identity(cfg: DictConfig) -> dict:
     return m
 
 
+def _tokens_identity(cfg: DictConfig) -> dict:
+    """tokens.* for the signature, less the tokenizer's seed (tokenizer_source holds it via the tokenizer signature,
+    and leaving it out keeps the run dirs of runs from before the setting)."""
+    t = to_dict(cfg.tokens) if "tokens" in cfg else {"name": "online"}
+    t.pop("seed", None)
+    return t
+
+
 def ar_signature(cfg: DictConfig) -> str:
     return _hash({"tokenizer": tokenizer_source(cfg), "factorization": list(cfg.factorization.bits),
                   "model": _model_identity(cfg), "data": data_identity(cfg),
-                  "tokens": to_dict(cfg.tokens) if "tokens" in cfg else {"name": "online"},
-                  "trainer": _strip(to_dict(cfg.trainer.ar)), "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
+                  "tokens": _tokens_identity(cfg),
+                  "trainer": _strip(to_dict(cfg.trainer.ar)), "sampling": _strip(to_dict(cfg.sampling)),
+                  "seed": cfg.seed})
 
 
 def signature(cfg: DictConfig) -> str:

@@ -46,6 +46,9 @@ SEE_TAGS = f"<see {TAGS_OVERFLOW}>"
 KIND, SWEEP_ID, STAGE, SIGNATURE, OVERRIDES = (  # sweep (parent) and member runs
     "magvit2.kind", "magvit2.sweep_id", "magvit2.stage", "magvit2.signature", "magvit2.overrides")
 N_MEMBERS, MISSING_PREFIX, N_RESUMES = "magvit2.n_members", "magvit2.missing.", "magvit2.n_resumes"
+# sweep run: the signatures of its members and the tokenizers they train first, space-separated; a member finished
+# by an earlier sweep keeps that sweep's tag, and reports find it by its signature
+MEMBERS = "magvit2.members"
 HOST, SLURM_JOB_ID, GIT_SHA, RUN_DIR, WORLD_SIZE = (  # where a member runs
     "magvit2.host", "magvit2.slurm_job_id", "magvit2.git_sha", "magvit2.run_dir", "magvit2.world_size")
 CHECKPOINT, TOKENIZER, SAMPLES_NPZ, FID_PROTOCOL = (  # what a member produced or used
@@ -266,13 +269,16 @@ def _find_sweep_run(client: MlflowClient, exp_id: str, sweep_id: str):
 
 
 def ensure_sweep_run(experiment: str, root: str, sweep_id: str, stage: str, overrides: str, n_members: int,
-                     uri: str | None = None) -> str:
-    """The sweep's parent run (found by tag magvit2.sweep_id, else created); set RUNNING; returns its run id."""
+                     uri: str | None = None, members: list[str] | None = None) -> str:
+    """The sweep's parent run (found by tag magvit2.sweep_id, else created); set RUNNING; returns its run id.
+    members: the signatures of the runs the sweep reports (tag MEMBERS)."""
     _check_id("sweep_id", sweep_id)
     turi = tracking_uri(root, uri)
     client = MlflowClient(turi)
     exp_id = get_experiment_id(experiment, root, uri)
     tags = {KIND: "sweep", SWEEP_ID: sweep_id, STAGE: stage, OVERRIDES: overrides or "", N_MEMBERS: str(n_members)}
+    if members:
+        tags[MEMBERS] = " ".join(dict.fromkeys(members))
     from magvit2.runs import FileLock  # inter-process: root is shared by a sweep's members
     with FileLock(Path(root).expanduser().resolve() / ".locks" / f"sweep-{sweep_id}"):
         run = _find_sweep_run(client, exp_id, sweep_id)
@@ -285,7 +291,7 @@ def ensure_sweep_run(experiment: str, root: str, sweep_id: str, stage: str, over
             if run.info.status != "RUNNING":
                 _retry(lambda: client.update_run(run.info.run_id, status="RUNNING"), "reopen sweep run")
             if overrides or n_members:  # a member creating a missing parent passes neither; keep what is there
-                _set_tags(client, run.info.run_id, {OVERRIDES: overrides, N_MEMBERS: str(n_members)})
+                _set_tags(client, run.info.run_id, {k: tags[k] for k in (OVERRIDES, N_MEMBERS, MEMBERS) if k in tags})
     _RUN_URIS[run.info.run_id] = turi
     return run.info.run_id
 
@@ -324,6 +330,16 @@ def summarize_sweep_run(run_id: str, uri: str, tags: dict, metrics: dict[str, fl
     _retry(lambda: client.log_batch(run_id, metrics=ms, synchronous=True), "log sweep summary")
     for name, text in texts.items():
         _retry(lambda: client.log_text(run_id, text, name), f"log {name}")
+
+
+def tag_value(client: MlflowClient, run, key: str) -> str | None:
+    """A tag of a run in full: one longer than MLflow keeps is read back from the run's TAGS_OVERFLOW artifact."""
+    v = run.data.tags.get(key)
+    if v != SEE_TAGS:
+        return v
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _retry(lambda: client.download_artifacts(run.info.run_id, TAGS_OVERFLOW, tmp), f"download {key}")
+        return json.loads(Path(path).read_text()).get(key)
 
 
 def run_tags(run_id: str, root: str, uri: str | None = None) -> dict[str, str]:

@@ -120,6 +120,31 @@ def test_factorization_order_by_m_then_bits(store):
     assert len(load_runs(experiment="magvit2-ar", tracking_uri=store["uri"])) == 8
 
 
+def test_a_sweep_reports_members_an_earlier_sweep_finished(tmp_path, monkeypatch):
+    """Re-running a sweep with one more member trains only that one; the report still lists every member."""
+    root = tmp_path / "outputs"
+    uri = fresh_sqlite(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tracking.ensure_sweep_run("magvit2-ar", str(root), "first", "ar", "factorization=k6_12,k9_9", 2,
+                                      members=["sig-k6_12-tiny", "sig-k9_9-tiny"])
+    old = {f: _log_member(root, f, "tiny", "first", FINAL[(f, "tiny")]) for f in ("k6_12", "k9_9")}
+    tracking.finish_sweep_run(first)
+    second = tracking.ensure_sweep_run("magvit2-ar", str(root), "second", "ar", "factorization=k6_12,k12_6", 2,
+                                       members=["sig-k6_12-tiny", "sig-k12_6-tiny"])
+    new = _log_member(root, "k12_6", "tiny", "second", {"val/loss": 9.0})
+    tracking.finish_sweep_run(second)
+    df = load_runs(sweep="second", tracking_uri=uri)
+    assert set(df["run_id"]) == {old["k6_12"], new}, "the member the first sweep finished is missing"
+    assert dict(zip(df["run_name"], df["sweep_id"])) == {"k6_12-tiny": "first", "k12_6-tiny": "second"}
+    assert set(load_runs(sweep="first", tracking_uri=uri)["run_id"]) == set(old.values())
+    # a member list longer than MLflow keeps in a tag is stored whole in the run's tags overflow artifact
+    long = [f"{i:016x}" for i in range(600)]
+    third = tracking.ensure_sweep_run("magvit2-ar", str(root), "third", "ar", "seed=0..599", 600, members=long)
+    run = tracking.MlflowClient(uri).get_run(third)
+    assert run.data.tags[tracking.MEMBERS] == tracking.SEE_TAGS
+    assert tracking.tag_value(tracking.MlflowClient(uri), run, tracking.MEMBERS).split() == long
+
+
 def test_history_and_plots(store, tmp_path):
     ids = list(store["ids"].values())
     h = load_history(ids, ["val/loss*"], tracking_uri=store["uri"])
@@ -282,3 +307,12 @@ def test_summary_shows_each_metric_with_its_n_and_the_reference_ssim():
         assert want in lines, (want, lines)
     old = [" ".join(l.split()) for l in format_summary("tokenizer", {"eval/psnr": 20.0}, "x").splitlines()]
     assert "PSNR 20.00 (N = ? images)" in old  # a run from before N was logged says so
+
+
+def test_one_factorization_has_one_colour_in_every_plot():
+    from magvit2.results.plots import styles
+    a = styles(["k9_9-B", "k6_12-tiny", "k6_12-B", "tokenizer tiny-vq_plain 0123", "n_intra=0-B"])
+    b = styles(["k6_12", "k9_9", "vq_plain-tiny", "seed=1-B"])
+    assert a[1]["color"] == a[2]["color"] == b[0]["color"] and a[0]["color"] == b[1]["color"] != b[0]["color"]
+    assert a[1]["linestyle"] != a[2]["linestyle"]  # one colour: the dashes tell the sizes apart
+    assert a[3]["color"] == b[2]["color"] and len({s["color"] for s in a}) == 4

@@ -128,9 +128,10 @@ def test_token_datasets(tmp_path):
 
 # Which group belongs to which stage: a tokenizer run is found by its signature from every AR member of a sweep, so
 # an AR-only setting in it would train the same tokenizer again; the AR signature depends on every group it uses.
+# An AR run's seed is AR-only: its tokenizer trains with tokens.seed, so AR seeds share one tokenizer.
 AR_ONLY = ["factorization=k9_9", "model.dim=64", "sampling.per_class=3", "tokens=cached", "tokens.weights=ema",
-           "trainer.ar.lr=1e-4"]
-BOTH = ["tokenizer.ch=24", "quantizer=vq", "data.crops=fixed", "trainer.tokenizer.lr=1e-4", "seed=1"]
+           "trainer.ar.lr=1e-4", "seed=1"]
+BOTH = ["tokenizer.ch=24", "quantizer=vq", "data.crops=fixed", "trainer.tokenizer.lr=1e-4", "tokens.seed=1"]
 
 
 @pytest.mark.parametrize("override", AR_ONLY + BOTH)
@@ -138,6 +139,24 @@ def test_each_setting_enters_the_signatures_of_the_stages_that_use_it(override):
     base, cfg = cfg_of(), cfg_of(override)
     assert (C.tokenizer_signature(cfg) != C.tokenizer_signature(base)) == (override in BOTH)
     assert C.ar_signature(cfg) != C.ar_signature(base)
+
+
+def test_ar_seeds_share_the_tokenizer_of_tokens_seed():
+    ar = {seed: cfg_of(f"seed={seed}") for seed in (0, 1, 2)}
+    assert len({C.tokenizer_signature(c) for c in ar.values()}) == 1
+    assert len({C.ar_signature(c) for c in ar.values()}) == 3
+    # the tokenizer run an AR run trains first is the tokenizer-stage run with seed=tokens.seed
+    tok = C.tokenizer_config(cfg_of("seed=2", "tokens.seed=5"))
+    assert (tok.stage, tok.seed) == ("tokenizer", 5)
+    assert C.tokenizer_signature(tok) == C.tokenizer_signature(cfg_of("stage=tokenizer", "seed=5")) \
+        == C.tokenizer_signature(cfg_of("seed=2", "tokens.seed=5"))
+    # a tokenizer run's own seed is its seed
+    assert C.tokenizer_signature(cfg_of("stage=tokenizer", "seed=1")) != C.tokenizer_signature(cfg_of("stage=tokenizer"))
+    # one tokenizer per AR seed, when asked for
+    per = [cfg_of(f"seed={s}", "tokens.seed=${seed}") for s in (0, 1)]
+    assert C.tokenizer_signature(per[0]) != C.tokenizer_signature(per[1])
+    with pytest.raises(C.ConfigError, match=r"tokens.seed='x' must be an integer"):
+        C.validate(cfg_of("tokens.seed=x"))
 
 
 @pytest.mark.parametrize("override", ["trainer.ar.ckpt_every=7", "trainer.tokenizer.eval_every=5",

@@ -247,7 +247,7 @@ def test_a_released_tokenizer_file_gives_the_metrics_of_its_run(runs, released_f
     assert run.data.tags["magvit2.reference"] == "true"
 
     # the report shows it as a reference row (its own table, next to the members' table)
-    from magvit2.results import load_runs, reference_table, to_markdown
+    from magvit2.results import load_runs, reference_table
     uri = f"sqlite:///{tmp_path / 'file' / 'mlflow.db'}"
     refs = load_runs(tracking_uri=uri, reference=True)
     assert list(refs["run_name"]) == ["evaluate-tokenizer-tokenizer"]

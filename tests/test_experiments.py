@@ -23,16 +23,18 @@ TIMES: dict[str, float] = {}
 
 
 def sweep(root, name: str, *extra: str):
-    """Run the experiment's tiny sweep; its member runs, also those an earlier sweep had already finished (found by
-    signature, as the sweep found them), with this sweep's overrides (sweeps/<id>/sweep.json)."""
+    """Run the experiment's tiny sweep; its runs as the report loads them (members an earlier sweep had already
+    finished included, and the tokenizer they share), with this sweep's overrides (sweeps/<id>/sweep.json)."""
     t0 = time.monotonic()
     run_train(root, f"+experiment={name}", *FAST, *extra, multirun=True, tiny=False)
     TIMES[name] = time.monotonic() - t0
-    df = load_runs(tracking_uri=f"sqlite:///{root}/mlflow.db")
     doc = max((json.loads(f.read_text()) for f in (root / "sweeps").glob("*/sweep.json")),
               key=lambda d: d["submitted"] or 0)
+    df = load_runs(sweep=doc["id"], tracking_uri=f"sqlite:///{root}/mlflow.db")
     ov = {m["signature"]: " ".join(m["overrides"]) for m in doc["members"]}
-    mine = df[df["signature"].isin(ov)].drop_duplicates("signature")
+    assert set(ov) <= set(df["signature"]), "a member of the sweep is missing from its report"
+    mine = df[df["signature"].isin(ov)]
+    assert mine["signature"].is_unique
     return mine.assign(overrides=mine["signature"].map(ov))
 
 
@@ -96,7 +98,7 @@ def test_intra_vs_heads_scaling_recipe_share_the_tokenizer(root):
     p = experiments.table(df, "recipe")
     assert p["status"].eq("finished").all()
     assert len({s for s in load_runs(tracking_uri=f"sqlite:///{root}/mlflow.db").query("stage == 'tokenizer'")
-                ["signature"]}) == 3 + 2  # lfq_vs_vq's three, the two seeds' tiny tokenizer: nothing else trained
+                ["signature"]}) == 3 + 1  # lfq_vs_vq's three and the tiny tokenizer every AR seed shares
 
 
 def test_cross_dataset(root):

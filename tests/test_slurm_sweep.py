@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 
 from conftest import BackgroundTrain, assert_same_weights, load_ckpt, run_train, train_cmd

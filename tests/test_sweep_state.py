@@ -130,6 +130,13 @@ def test_the_summary_names_the_winner_with_its_margin():
     rows[0]["metrics"]["eval/fid"], rows[1]["metrics"]["eval/fid"] = 30.0, 20.0  # FID ranks first when present
     assert state.winner_line(rows).startswith("winner by eval/fid (lower is better): k9_9-B 20 vs k6_12-B 30")
     assert state.winner_line([]) is None
+    # members that differ only in seed are one arm: mean ± std over its seeds
+    seeds = [{"member": f"{f}-{s}", "state": "finished", "overrides": [f"factorization={f}", "scale=tiny", f"seed={s}"],
+              "metrics": {"val/loss": v}} for f, vals in (("k6_12", (7.0, 9.0)), ("k9_9", (8.5, 8.5, 8.5)))
+             for s, v in enumerate(vals)]
+    assert state.winner_line(seeds) == ("winner by val/loss (lower is better; mean ± std over seeds): "
+                                        "factorization=k6_12 8 ± 1.4 (n = 2) vs factorization=k9_9 8.5 ± 0 (n = 3) "
+                                        "(-0.5, -5.9%; the report has the 95% intervals)")
 
 
 def _tokenizer_sweep(tmp_path, monkeypatch, tok_status: dict | None):

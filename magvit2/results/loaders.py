@@ -92,6 +92,8 @@ def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_
         tracking._check_id("sweep", sweep)
         flt += f" and tags.`{tracking.SWEEP_ID}` = '{sweep}'"
     runs = _search(client, ids, flt) if ids else []
+    if sweep is not None and not reference and ids:
+        runs += _reused_members(client, ids, sweep, {r.data.tags.get(tracking.SIGNATURE) for r in runs})
 
     rows, params, metrics = [], [], []
     for r in runs:
@@ -128,6 +130,22 @@ def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_
     front = [c for c in BASE_COLUMNS if c in df]
     df = df[front + [c for c in df.columns if c not in front]]
     return df.sort_values(["stage", "factorization", "model", "run_name"], na_position="last").reset_index(drop=True)
+
+
+def _reused_members(client: MlflowClient, exp_ids: list[str], sweep: str, have: set) -> list:
+    """Members of the sweep that an earlier sweep (or a single run) had finished, so they carry another sweep's tag:
+    found by the signatures on the sweep run (tracking.MEMBERS), the latest finished run of each."""
+    flt = f"tags.`{tracking.KIND}` = 'sweep' and tags.`{tracking.SWEEP_ID}` = '{sweep}'"
+    sigs = [sig for p in _search(client, exp_ids, flt) for sig in (tracking.tag_value(client, p, tracking.MEMBERS)
+                                                                   or "").split()]
+    out = []
+    for sig in dict.fromkeys(sigs):
+        if sig in have or "'" in sig:
+            continue
+        found = _search(client, exp_ids, f"tags.`{tracking.KIND}` = 'member' and tags.`{tracking.SIGNATURE}` = '{sig}'")
+        if found:
+            out.append(max(found, key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0)))
+    return out
 
 
 def load_history(run_ids: Iterable[str], keys: str | Iterable[str], tracking_uri: str | None = None,

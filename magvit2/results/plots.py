@@ -3,6 +3,7 @@ headless anywhere; pass `path` to save a PNG."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,25 @@ LABELS = {"eval/fid": "FID (in-loop: samples vs val images)", "eval/is": "IS (in
           "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)",
           "eval/psnr": "PSNR (dB)", "eval/utilization": "codebook utilization (%)", "eval/rfid": "rFID",
           "val/loss": "val loss (nats, sum over sub-tokens)", "train/loss": "train loss"}
+
+
+# One colour per factorization (and quantizer) in every plot of a report; other arms take the colours after them.
+FIXED = ("none", "k6_12", "k9_9", "k12_6", "k6_6_6", "k3_6_9", "k2_4_6_6", "lfq", "vq", "vq_plain")
+_OTHER = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#843c39", "#7b4173")
+_DASHES = ("-", "--", ":", "-.")
+
+
+def styles(names: list[str]) -> list[dict]:
+    """Line style per series, in order ('k6_12-B', 'vq_plain-tiny'): the colour of its factorization or quantizer
+    (the first FIXED part of its name; tab10 in FIXED order), the dashes tell apart the series of one colour."""
+    keys = [next((p for p in re.split(r"[-/\s]", str(n)) if p in FIXED), str(n)) for n in names]
+    others = sorted({k for k in keys if k not in FIXED})
+    out, count = [], {}
+    for k in keys:
+        color = f"C{FIXED.index(k)}" if k in FIXED else _OTHER[others.index(k) % len(_OTHER)]
+        out.append({"color": color, "linestyle": _DASHES[count.get(k, 0) % len(_DASHES)]})
+        count[k] = count.get(k, 0) + 1
+    return out
 
 
 def _series(run_name, model) -> str:
@@ -42,11 +62,12 @@ def plot_scaling(df: pd.DataFrame, metric: str, path: str | Path | None = None) 
     ax = fig.subplots()
     sizes = [m for m in df["model"].cat.categories if m in set(have["model"])]
     groups = list(have.groupby(have.apply(lambda r: _series(r["run_name"], r["model"]), axis=1), sort=True))
+    style = styles([name for name, _ in groups])
     for j, (name, g) in enumerate(groups):
         # lines of the same size sit side by side around its tick, not on top of each other
         dx = (j - (len(groups) - 1) / 2) * min(0.08, 0.4 / max(len(groups), 1))
         g = g.sort_values("model")
-        ax.plot([sizes.index(m) + dx for m in g["model"]], g[metric], marker="o", label=name)
+        ax.plot([sizes.index(m) + dx for m in g["model"]], g[metric], marker="o", label=name, **style[j])
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_xlim(-0.5, len(sizes) - 0.5)
     gone = [f"{r['run_name']}: {r['missing'][metric]}" for _, r in df.iterrows()
@@ -77,10 +98,12 @@ def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None, sc
         return None
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for (rid, name), g in h.groupby(["run_id", "run_name"], sort=False):
+    runs = list(h.groupby(["run_id", "run_name"], sort=False))
+    labels = [str(name or rid[:8]) for (rid, name), _ in runs]
+    for (_, g), label, style in zip(runs, labels, styles(labels)):
         # markers: a metric logged only at the end is one point, which a bare line would not draw at all
-        ax.plot(g["step"], g["value"] * scale, label=str(name or rid[:8]), marker="o" if len(g) <= 50 else None,
-                markersize=4)
+        ax.plot(g["step"], g["value"] * scale, label=label, marker="o" if len(g) <= 50 else None, markersize=4,
+                **style)
     ax.legend(fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel(label or LABELS.get(key, key))

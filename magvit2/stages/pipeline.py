@@ -2,7 +2,7 @@
 or encoded inside train_ar, magvit2/data/tokens.py). A finished step is found by its signature and not trained."""
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from magvit2 import config as C
 
 
 def run(cfg) -> dict:
@@ -11,7 +11,7 @@ def run(cfg) -> dict:
         return train_tokenizer(cfg)
     if cfg.tokens.tokenizer in (None, "auto"):  # else a given checkpoint: nothing to train
         # all ranks, and after the run's lock: a run another member is training is waited for, not trained twice
-        train_tokenizer(OmegaConf.merge(cfg, {"stage": "tokenizer"}))
+        train_tokenizer(C.tokenizer_config(cfg))
         # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed precision
         # (trainer.ar.precision may differ from trainer.tokenizer's); the process group (PartialState) is kept
         from accelerate.state import AcceleratorState

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import subprocess
+import statistics
 import time
 from pathlib import Path
 
@@ -201,17 +202,34 @@ def ranked(rows: list[dict]) -> tuple[str, bool, list[dict]] | None:
 
 
 def winner_line(rows: list[dict]) -> str | None:
-    """'winner by <key>: <member> (<value> vs <runner-up> <value>, <delta>)' over the finished members."""
+    """'winner by <key>: <arm> <value> vs <runner-up> <value> (<delta>)' over the finished members. Members that
+    differ only in seed= are one arm, shown as mean ± std over its n seeds."""
     rank = ranked(rows)
     if rank is None:
         return None
     key, lower, have = rank
-    best = have[0]
-    line = f"winner by {key} ({'lower' if lower else 'higher'} is better): {best['member']} " \
-           f"{best['metrics'][key]:.4g}"
-    if len(have) > 1:
-        second = have[1]
-        d = best["metrics"][key] - second["metrics"][key]
-        rel = f", {d / abs(second['metrics'][key]):+.1%}" if second["metrics"][key] else ""
-        line += f" vs {second['member']} {second['metrics'][key]:.4g} ({d:+.4g}{rel}; n = 1 seed each)"
+    arm = lambda r: tuple(o for o in r["overrides"] if not o.startswith("seed=")) if r.get("overrides") \
+        else (r["member"],)  # noqa: E731
+    arms: dict[tuple, list[float]] = {}
+    for r in have:
+        arms.setdefault(arm(r), []).append(r["metrics"][key])
+    if all(len(v) == 1 for v in arms.values()):  # no seeds: the members by name
+        names = {arm(r): r["member"] for r in have}
+    else:
+        common = set.intersection(*(set(a) for a in arms))
+        names = {a: " ".join(o for o in a if o not in common) or "all" for a in arms}
+    stats = sorted(((statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v), names[a])
+                    for a, v in arms.items()), key=lambda st: st[0], reverse=not lower)
+    seeded = any(sd is not None for _, sd, _, _ in stats)
+    fmt = lambda m, sd, n: f"{m:.4g}" + ("" if not seeded else " (n = 1)" if sd is None  # noqa: E731
+                                         else f" ± {sd:.2g} (n = {n})")
+    m1, sd1, n1, a1 = stats[0]
+    line = f"winner by {key} ({'lower' if lower else 'higher'} is better{'; mean ± std over seeds' if seeded else ''})" \
+           f": {a1} {fmt(m1, sd1, n1)}"
+    if len(stats) > 1:
+        m2, sd2, n2, a2 = stats[1]
+        d = m1 - m2
+        rel = f", {d / abs(m2):+.1%}" if m2 else ""
+        line += f" vs {a2} {fmt(m2, sd2, n2)} ({d:+.4g}{rel}; " + \
+                ("n = 1 seed each)" if not seeded else "the report has the 95% intervals)")
     return line

@@ -138,8 +138,9 @@ def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str]
     except tracking.TrackingError as e:
         print(f"error: the sweep was not started: {e}", file=sys.stderr)
         sys.exit(2)
+    sigs = [r["signature"] for r in rows] + [Path(r["tokenizer"]["run_dir"]).name for r in rows if r.get("tokenizer")]
     parent = tracking.ensure_sweep_run(f"{config.tracking.experiment_prefix}-{stage}", root, sid, stage,
-                                       " ".join(arguments), len(rows))
+                                       " ".join(arguments), len(rows), members=sigs)
     kind = getattr(launcher, "_EXECUTOR", "basic")  # submitit launchers: "slurm" | "local"
     state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(config.hydra.sweep.dir), kind,
                       os.environ["MLFLOW_TRACKING_URI"], axes)
