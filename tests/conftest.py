@@ -116,3 +116,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture
 def root(tmp_path) -> Path:
     return tmp_path
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist (--dist loadgroup, in pyproject's addopts): one group per test module, as its tests share
+    module fixtures (test_experiments' root, where later tests read what earlier ones trained); one group for every
+    test that uses the local SLURM cluster (they share it; test_multinode restarts it with two nodes), run first as
+    it is the longest."""
+    for item in items:
+        slurm = item.get_closest_marker("slurm") is not None
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.stem))
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: module order kept
