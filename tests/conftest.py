@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,12 +119,30 @@ def root(tmp_path) -> Path:
     return tmp_path
 
 
+# pytest-xdist (2 workers, pyproject's addopts): tests are sent to the workers one module at a time, as a module's
+# tests share its fixtures (test_experiments' root: later tests read what earlier ones trained), and every module that
+# uses the local SLURM cluster goes to one worker, first (they share the cluster, test_multinode restarts it with two
+# nodes, and together they are the longest unit). xdist's own --dist loadgroup cannot do this with pytest 9.2: it
+# renames Item._nodeid, which pytest no longer reads.
+SLURM_MODULES = {f.stem for f in Path(__file__).parent.glob("test_*.py")
+                 if re.search(r"^pytestmark = .*pytest\.mark\.slurm", f.read_text(), re.M)}
+
+
 def pytest_collection_modifyitems(config, items):
-    """For pytest-xdist (--dist loadgroup, in pyproject's addopts): one group per test module, as its tests share
-    module fixtures (test_experiments' root, where later tests read what earlier ones trained); one group for every
-    test that uses the local SLURM cluster (they share it; test_multinode restarts it with two nodes), run first as
-    it is the longest."""
-    for item in items:
-        slurm = item.get_closest_marker("slurm") is not None
-        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.stem))
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: module order kept
+    stray = [i.nodeid for i in items if i.get_closest_marker("slurm") and i.path.stem not in SLURM_MODULES]
+    if stray:
+        raise pytest.UsageError(f"{stray[0]}: mark a SLURM test module-wide (pytestmark = pytest.mark.slurm), so "
+                                f"tests/conftest.py keeps it with the others on one xdist worker")
+    items.sort(key=lambda i: i.path.stem not in SLURM_MODULES)  # stable: the SLURM modules first, order kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "slurm" if Path(module).stem in SLURM_MODULES else module
+    return ByModule(config, log)
