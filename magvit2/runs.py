@@ -215,7 +215,9 @@ class RunDir:
 
     def write_status(self, **fields) -> dict:
         st = self.read_status()
-        st.update(fields, host=socket.gethostname(), updated=time.strftime("%Y-%m-%d %H:%M:%S"))
+        now = time.time()  # updated: for people; updated_s: epoch seconds, for wall times below 1 s resolution
+        st.update(fields, host=socket.gethostname(), updated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
+                  updated_s=now)
         if os.environ.get("SLURM_JOB_ID"):
             st["slurm_job_id"] = slurm_job_id()
         atomic_write_text(self.status, json.dumps(st, indent=1, default=str))

@@ -136,7 +136,7 @@ def test_the_summary_names_the_winner_with_its_margin():
              for s, v in enumerate(vals)]
     assert state.winner_line(seeds) == ("winner by val/loss (lower is better; mean ± std over seeds): "
                                         "factorization=k6_12 8 ± 1.4 (n = 2) vs factorization=k9_9 8.5 ± 0 (n = 3) "
-                                        "(-0.5, -5.9%; the report has the 95% intervals)")
+                                        "(-0.5, -5.88%; the report has the 95% intervals)")
 
 
 def _tokenizer_sweep(tmp_path, monkeypatch, tok_status: dict | None):
@@ -207,6 +207,9 @@ def test_device_hours_are_wall_time_times_processes_over_members_and_the_shared_
     start_clock(rd)
     st = rd.read_status()
     assert st["wall_s_before"] == 660 and run_seconds(st) < 662
+    # epoch fields (written since): below one second, as a 6-step tiny run takes
+    assert run_seconds({**st, "opened_s": 100.0, "updated_s": 100.25}) == 660.25
+    assert st["updated_s"] >= st["opened_s"] > 0
 
 
 def test_the_sweep_summary_goes_onto_the_parent_run(tmp_path, monkeypatch):

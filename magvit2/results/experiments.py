@@ -13,8 +13,8 @@ from magvit2.results.plots import _finish
 from magvit2.results.stats import aggregate
 from magvit2.results.tables import ar_table, seeds_markdown, tokenizer_table
 
-COST = ["device-hours", "wall (s)", "images/s", "tokens/s", "model GFLOP/step", "MFU (%)", "peak GPU mem (GiB)",
-        "peak RSS (GiB, CPU)"]
+COST = ["device-hours", "wall (s)", "images/s", "tokens/s", "sampling images/s", "model GFLOP/step", "MFU (%)",
+        "peak GPU mem (GiB)", "peak RSS (GiB, CPU)"]
 AR_KEYS = ["val loss (nats)", "FID (in-loop)", "IS"]
 # experiment -> (stage of its members, its metric columns (N columns are kept with them), the key metrics compared)
 EXPERIMENTS = {

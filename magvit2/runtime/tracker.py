@@ -62,14 +62,19 @@ def clock_seconds(text: str | None) -> float | None:
 def run_seconds(status: dict) -> float:
     """A run's training wall time from its status.json: earlier attempts (wall_s_before) + the current or last one
     (from its opening to the last status write). Time queued or waiting for a lock is not in it."""
-    start, end = clock_seconds(status.get("opened")), clock_seconds(status.get("updated"))
+    if isinstance(status.get("opened_s"), (int, float)) and isinstance(status.get("updated_s"), (int, float)):
+        start, end = status["opened_s"], status["updated_s"]
+    else:  # written before the epoch fields: whole seconds
+        start, end = clock_seconds(status.get("opened")), clock_seconds(status.get("updated"))
     last = end - start if start is not None and end is not None else 0.0
     return float(status.get("wall_s_before") or 0.0) + max(last, 0.0)
 
 
 def start_clock(run: RunDir) -> None:
     """Start this attempt's wall clock in status.json (the sweep's device-hours), keeping earlier attempts' seconds."""
-    run.write_status(wall_s_before=run_seconds(run.read_status()), opened=time.strftime(_CLOCK))
+    now = time.time()
+    run.write_status(wall_s_before=run_seconds(run.read_status()), opened=time.strftime(_CLOCK, time.localtime(now)),
+                     opened_s=now)
 
 
 def git_sha() -> str:

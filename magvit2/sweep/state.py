@@ -229,7 +229,7 @@ def winner_line(rows: list[dict]) -> str | None:
     if len(stats) > 1:
         m2, sd2, n2, a2 = stats[1]
         d = m1 - m2
-        rel = f", {d / abs(m2):+.1%}" if m2 else ""
+        rel = f", {100 * d / abs(m2):+.3g}%" if m2 else ""
         line += f" vs {a2} {fmt(m2, sd2, n2)} ({d:+.4g}{rel}; " + \
                 ("n = 1 seed each)" if not seeded else "the report has the 95% intervals)")
     return line
