@@ -201,6 +201,11 @@ def ranked(rows: list[dict]) -> tuple[str, bool, list[dict]] | None:
     return None
 
 
+def _arm(row: dict) -> tuple:
+    """A member's arm: its overrides less seed= (its name when the overrides are unknown)."""
+    return tuple(o for o in row["overrides"] if not o.startswith("seed=")) if row.get("overrides") else (row["member"],)
+
+
 def winner_line(rows: list[dict]) -> str | None:
     """'winner by <key>: <arm> <value> vs <runner-up> <value> (<delta>)' over the finished members. Members that
     differ only in seed= are one arm, shown as mean ± std over its n seeds."""
@@ -208,28 +213,25 @@ def winner_line(rows: list[dict]) -> str | None:
     if rank is None:
         return None
     key, lower, have = rank
-    arm = lambda r: tuple(o for o in r["overrides"] if not o.startswith("seed=")) if r.get("overrides") \
-        else (r["member"],)  # noqa: E731
     arms: dict[tuple, list[float]] = {}
     for r in have:
-        arms.setdefault(arm(r), []).append(r["metrics"][key])
-    if all(len(v) == 1 for v in arms.values()):  # no seeds: the members by name
-        names = {arm(r): r["member"] for r in have}
-    else:
+        arms.setdefault(_arm(r), []).append(r["metrics"][key])
+    seeded = any(len(v) > 1 for v in arms.values())
+    if seeded:  # an arm by what sets it apart from the others
         common = set.intersection(*(set(a) for a in arms))
         names = {a: " ".join(o for o in a if o not in common) or "all" for a in arms}
+    else:
+        names = {_arm(r): r["member"] for r in have}
     stats = sorted(((statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v), names[a])
                     for a, v in arms.items()), key=lambda st: st[0], reverse=not lower)
-    seeded = any(sd is not None for _, sd, _, _ in stats)
-    fmt = lambda m, sd, n: f"{m:.4g}" + ("" if not seeded else " (n = 1)" if sd is None  # noqa: E731
-                                         else f" ± {sd:.2g} (n = {n})")
-    m1, sd1, n1, a1 = stats[0]
-    line = f"winner by {key} ({'lower' if lower else 'higher'} is better{'; mean ± std over seeds' if seeded else ''})" \
-           f": {a1} {fmt(m1, sd1, n1)}"
+
+    def fmt(mean: float, sd: float | None, n: int) -> str:
+        return f"{mean:.4g}" + ("" if not seeded else " (n = 1)" if sd is None else f" ± {sd:.2g} (n = {n})")
+    better = ("lower" if lower else "higher") + " is better" + ("; mean ± std over seeds" if seeded else "")
+    line = f"winner by {key} ({better}): {stats[0][3]} {fmt(*stats[0][:3])}"
     if len(stats) > 1:
-        m2, sd2, n2, a2 = stats[1]
-        d = m1 - m2
-        rel = f", {100 * d / abs(m2):+.3g}%" if m2 else ""
-        line += f" vs {a2} {fmt(m2, sd2, n2)} ({d:+.4g}{rel}; " + \
-                ("n = 1 seed each)" if not seeded else "the report has the 95% intervals)")
+        (m1, *_), (m2, sd2, n2, a2) = stats[0], stats[1]
+        rel = f", {100 * (m1 - m2) / abs(m2):+.3g}%" if m2 else ""
+        line += f" vs {a2} {fmt(m2, sd2, n2)} ({m1 - m2:+.4g}{rel}; " + \
+            ("the report has the 95% intervals)" if seeded else "n = 1 seed each)")
     return line
