@@ -101,6 +101,8 @@ def validate(cfg: DictConfig) -> None:
 # sampling.cache -> FactorizedAR.generate's use_cache: dynamic (the growing KV cache, the default), static
 # (preallocated, the same shapes every step: what compile / CUDA graphs need), none (recompute the whole prefix).
 SAMPLER_CACHE = {"dynamic": True, "static": "static", "none": False}
+# sampling.compile as a command-line word (--compile) -> its config value
+SAMPLER_COMPILE = {"false": False, "true": True, "cuda_graphs": "cuda_graphs"}
 
 
 def sampler_settings(sampling) -> tuple[bool | str, bool | str]:
@@ -112,7 +114,7 @@ def sampler_settings(sampling) -> tuple[bool | str, bool | str]:
         raise ConfigError(f"sampling.cache={cache!r} (--cache): use dynamic (the growing KV cache, the default), "
                           f"static (preallocated, fixed shapes) or none (recompute the prefix every step)")
     if not isinstance(comp, bool) and comp != "cuda_graphs":
-        raise ConfigError(f"sampling.compile={comp!r} (--compile): use false | true | cuda_graphs")
+        raise ConfigError(f"sampling.compile={comp!r} (--compile): use {' | '.join(SAMPLER_COMPILE)}")
     if comp and cache != "static":
         raise ConfigError(f"sampling.compile={comp} compiles the static-cache sampler (fixed shapes): set "
                           f"sampling.cache=static (--cache static) too, or sampling.compile=false")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from magvit2.config import SAMPLER_CACHE, SAMPLER_COMPILE
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.sample", description=__doc__.split("\n\n")[0])
@@ -75,9 +77,9 @@ def add_sampling_args(ap) -> None:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--cache", default=None, metavar="dynamic|static|none", help="sampling.cache: the KV cache "
+    ap.add_argument("--cache", default=None, choices=list(SAMPLER_CACHE), help="sampling.cache: the KV cache "
                     "(speed only, the same draws): dynamic (growing, the default), static (preallocated), none")
-    ap.add_argument("--compile", default=None, metavar="false|true|cuda_graphs", help="sampling.compile: "
+    ap.add_argument("--compile", default=None, choices=list(SAMPLER_COMPILE), help="sampling.compile: "
                     "torch.compile the static-cache sampler (needs --cache static); cuda_graphs: CUDA only")
 
 
@@ -87,7 +89,7 @@ def apply_sampling_args(s, a):
         if val is not None:
             s[key] = val
     if a.compile is not None:
-        s.compile = COMPILE_FLAG[a.compile]
+        s.compile = SAMPLER_COMPILE[a.compile]
     if a.cfg_scale:
         s.cfg_scale = a.cfg_scale if len(a.cfg_scale) > 1 else a.cfg_scale[0]
     if a.temperature:
@@ -108,14 +110,7 @@ def check_args(a) -> str | None:
             return f"{flag} {' '.join(map(str, vals))}: every value must be a finite number"
     if a.temperature and min(a.temperature) <= 0:
         return f"--temperature {' '.join(map(str, a.temperature))}: every value must be > 0"
-    if a.cache is not None and a.cache not in ("dynamic", "static", "none"):
-        return f"--cache {a.cache}: use dynamic (the growing KV cache, the default), static (preallocated) or none"
-    if a.compile is not None and a.compile not in COMPILE_FLAG:
-        return f"--compile {a.compile}: use false, true (torch.compile; with --cache static) or cuda_graphs (CUDA)"
     return None
-
-
-COMPILE_FLAG = {"false": False, "true": True, "cuda_graphs": "cuda_graphs"}  # --compile -> sampling.compile
 
 
 if __name__ == "__main__":

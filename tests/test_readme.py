@@ -62,6 +62,13 @@ SIZES = [  # (regex a whole command must match, sizes appended; the first match)
                                                 "--workers", "0", "--no-download"]),
 ]
 
+# (regex a dry-run command matches, the members it must list; the first match)
+DRY_RUNS = [
+    (r".* model=B,L,XL dry_run=true", 6),  # 2 splits x B,L,XL
+    (r".*\+experiment=factorization scale=tiny seed=0,1,2\b.*", 9),  # tiny: 3 splits x 3 seeds
+    (r".*\+experiment=factorization seed=0,1,2\b.*", 21),  # full: 7 splits x 3 seeds
+]
+
 
 def readme_commands(text: str) -> list[str]:
     """The commands of every ```bash block: continuation lines joined, comments dropped (a trailing `  # ...` too)."""
@@ -141,8 +148,8 @@ def test_every_readme_command_works_as_written(tmp_path):
     cmds = readme_commands(text)
     assert cmds[:2] == SETUP
     cmds = cmds[2:]
-    for pattern, _ in SIZES:
-        assert any(re.fullmatch(pattern, c) for c in cmds), f"SIZES entry {pattern!r} matches no command"
+    for pattern, _ in SIZES + DRY_RUNS:
+        assert any(re.fullmatch(pattern, c) for c in cmds), f"SIZES/DRY_RUNS entry {pattern!r} matches no command"
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MAGVIT2_ROOT")}
     env["MAGVIT2_POLL_S"] = "3"  # `status --wait` polls every 3 s instead of 30 (the command stays verbatim)
@@ -208,8 +215,9 @@ def _check(cmd: str, out: str, cwd: Path, fill: dict, env: dict) -> None:
         assert "AR model (Net2NetTransformer)" in out and (cwd / "my_AR.ckpt").is_file(), out[-2000:]
     if "--cfg job" in cmd:
         assert "stage: ar" in out
-    if "dry_run=true" in cmd:  # B,L,XL x 2; the ablations: 3 splits x 3 seeds (tiny), 7 splits x 3 seeds (full)
-        n = 6 if "model=B,L,XL" in cmd else 9 if "scale=tiny" in cmd else 21
+    if "dry_run=true" in cmd:
+        n = next((n for k, n in DRY_RUNS if re.fullmatch(k, cmd)), None)
+        assert n is not None, f"a dry run with no DRY_RUNS entry (the members it must list): {cmd}"
         assert f"{n} members (dry run: nothing trained)" in out, out[-3000:]
     if cmd.startswith("python -m magvit2.sample"):
         assert "samples (step 6)" in out, out[-2000:]

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -47,7 +46,7 @@ def test_detach_with_the_local_launcher_is_refused(root):
 
 @pytest.mark.slow
 def test_headline_sweep_with_tiny_models_end_to_end(root, start_train):
-    p = run_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)
+    run_train(root, "factorization=k6_12,k9_9", "model=tiny", multirun=True)
     ar = sorted((root / "runs" / "ar").glob("*/status.json"))
     assert len(ar) == 2 and all(json.loads(f.read_text())["state"] == "finished" for f in ar)
     assert len(list((root / "runs" / "tokenizer").glob("*/checkpoint.pt"))) == 1  # trained once, shared

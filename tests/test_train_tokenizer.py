@@ -101,7 +101,7 @@ def test_tokenizer_kill_and_resume_matches_uninterrupted(tmp_path, start_train):
     with sqlite3.connect(b / "mlflow.db") as db:
         db.execute("DELETE FROM params WHERE run_uuid = ?", (first_run,))
     p = run_train(b, *tok)
-    assert f"resuming tokenizer" in p.stderr + p.stdout
+    assert "resuming tokenizer" in p.stderr + p.stdout
     uninterrupted.finish()
     ref = load_ckpt(_tok_run_dir(a))
     assert ref["step"] == 6
