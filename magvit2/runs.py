@@ -19,11 +19,11 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import time
 from pathlib import Path
 
 from magvit2.config import ConfigError
+from magvit2.tempfiles import mkstemp
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def atomic_write(path: Path, write, mode: str = "w", keep_old: Path | None = Non
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path))
+        fd, tmp = mkstemp(path.parent, tmp_prefix(path))  # 0666 less the umask, as open() would
         try:
             with os.fdopen(fd, mode) as f:
                 write(f)

@@ -151,6 +151,20 @@ def test_resume_skips_finished_shards(runs, one_process, tmp_path, capsys):
     assert len(err) == 1 and "other settings (seed" in err[0], err
 
 
+def test_a_foreign_shard_is_named_and_no_samples_npz_is_left(runs, one_process, tmp_path, capsys):
+    out = tmp_path / "foreign"
+    shutil.copytree(one_process, out)
+    for name in ("samples.npz", "results.json"):
+        (out / name).unlink()
+    bad = out / "shard-0000006-0000012.npz"
+    with np.load(bad) as z:
+        np.savez(bad, images=z["images"][:, :8])  # half the image height: a file from another run
+    assert main(_ar(runs, out)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]  # less the bars
+    assert len(err) == 1 and f"{bad} holds images (6, 8, 16, 3), not (6, 16, 16, 3): delete it" in err[0], err
+    assert not (out / "samples.npz").exists() and not list(out.glob(".tmp-*"))  # the merge never half-writes
+
+
 @pytest.mark.slow  # Inception on CPU
 def test_fid_and_is_against_a_reference_batch(runs, one_process, inception, tmp_path, capsys):
     out = tmp_path / "fid"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from magvit2.metrics import (
+    AdmNpzWriter,
     GenerationMetrics,
     InceptionFeatures,
     Missing,
@@ -418,3 +420,30 @@ def test_export_adm_npz_round_trip(tmp_path):
         export_adm_npz(imgs.astype(np.float32), tmp_path / "x.npz")
     with pytest.raises(ValueError, match="images_uint8"):
         export_adm_npz(imgs.transpose(0, 3, 1, 2), tmp_path / "x.npz")
+
+
+def test_streamed_adm_npz_is_the_savez_file_and_appears_only_whole(tmp_path):
+    imgs = np.random.default_rng(1).integers(0, 256, (9, 6, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "savez.npz", arr_0=imgs)
+    with AdmNpzWriter(tmp_path / "streamed.npz", imgs.shape) as w:
+        for part in np.split(imgs, [2, 7]):  # chunks of 2, 5 and 2 images
+            w.write(part)
+    # byte for byte what np.savez writes (zip entry name, stored, npy header), apart from the zip entry's timestamp
+    a, b = (zipfile.ZipFile(tmp_path / n) for n in ("savez.npz", "streamed.npz"))
+    assert [(i.filename, i.compress_type) for i in a.infolist()] == [(i.filename, i.compress_type)
+                                                                     for i in b.infolist()]
+    assert a.read("arr_0.npy") == b.read("arr_0.npy")
+    with np.load(tmp_path / "streamed.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], imgs)
+    # too few images, a chunk of another size, an error in the block: no file, no temp file
+    for chunks, exc, match in (([imgs[:8]], ValueError, "8 images written, 9 declared"),
+                               ([imgs[:, :3]], ValueError, r"does not fit the declared \(9, 6, 4, 3\)"),
+                               ([imgs, imgs[:1]], ValueError, "after 9 images"),
+                               ([imgs[:4], KeyboardInterrupt], KeyboardInterrupt, "")):
+        with pytest.raises(exc, match=match):
+            with AdmNpzWriter(tmp_path / "bad.npz", imgs.shape) as w:
+                for c in chunks:
+                    if c is KeyboardInterrupt:
+                        raise KeyboardInterrupt
+                    w.write(c)
+        assert sorted(os.listdir(tmp_path)) == ["savez.npz", "streamed.npz"], chunks

@@ -2,6 +2,7 @@
 finished runs."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def test_atomic_write_text_replaces_whole(tmp_path):
     atomic_write_text(p, "one")
     atomic_write_text(p, "two")
     assert p.read_text() == "two" and [x.name for x in p.parent.iterdir()] == ["f.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_open_s_permissions_not_mkstemp_s_0600(tmp_path, mask):
+    from magvit2.metrics import export_adm_npz
+    from magvit2.tempfiles import umask
+    old = os.umask(mask)
+    try:
+        assert umask() == mask
+        atomic_write_text(tmp_path / "status.json", "{}")
+        export_adm_npz(np.zeros((1, 2, 2, 3), np.uint8), tmp_path / "samples.npz")
+        (tmp_path / "plain.txt").write_text("")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["status.json", "samples.npz", "plain.txt"], 0o666 & ~mask), modes
 
 
 def test_auto_tokenizer_is_found_never_trained(tmp_path):

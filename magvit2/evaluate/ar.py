@@ -107,7 +107,7 @@ def _reference(a) -> str | None:
 
 
 def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
-    """Merge the shards into samples.npz, then FID / IS against the reference, results, MLflow run."""
+    """Stream the shards into samples.npz (and the Inception), then FID / IS against the reference; results, MLflow."""
     from magvit2 import tracking
     from magvit2.runs import read_json
     key = {**settings, "reference": _reference(a)}  # what the results are of
@@ -117,26 +117,29 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
         common.print_table(_rows({**prev["metrics"], **{k: M.Missing(r) for k, r in prev["missing"].items()}}))
         return prev
     npz = out / "samples.npz"
-    images = shards.merge(out, plan)
-    M.export_adm_npz(images, npz)
     inception = M.inception_for_fid(a.inception_weights, download=not a.no_download)
     gm = M.GenerationMetrics(inception, device=device)
     bs = a.batch_size or 100
-    n_real = None
-    if not isinstance(inception, M.Missing):
-        n_real = add_reference(gm, a, settings["image_size"], bs)
-        for i in tqdm(range(0, len(images), bs), desc="Inception (samples)", unit="batch", mininterval=1.0):
-            gm.update_fake(torch.from_numpy(images[i:i + bs]).permute(0, 3, 1, 2))
+    n, size = plan[-1].stop, settings["image_size"]
+    head, features = [], not isinstance(inception, M.Missing)  # head: the grid's images (the first 10 classes)
+    with M.AdmNpzWriter(npz, (n, size, size, 3)) as w:  # one shard in memory at a time: 50k samples are 9.8 GB
+        for imgs in tqdm(shards.images(out, plan, size), total=len(plan), unit="shard", mininterval=1.0,
+                         desc="samples.npz" + (" + Inception" if features else "")):
+            w.write(imgs)
+            for i in range(0, len(imgs), bs) if features else ():
+                gm.update_fake(torch.from_numpy(imgs[i:i + bs]).permute(0, 3, 1, 2))
+            head.append(imgs[:settings["per_class"] * min(10, settings["num_classes"]) - sum(map(len, head))])
+    n_real = add_reference(gm, a, size, bs) if features else None
     r = gm.compute()
-    if key["reference"] is None and not isinstance(inception, M.Missing):
+    if key["reference"] is None and features:
         r["fid"] = M.Missing("no reference: give --ref-batch VIRTUAL_imagenet256_labeled.npz or --ref-dir DIR")
     metrics = {"eval/fid": r["fid"], "eval/is": r["is"], "eval/is_std": r["is_std"],
-               "eval/n_samples": float(len(images)), "eval/n_real": r["n_real"] if n_real is None else n_real}
-    grid = _grid(images, settings, out / "samples.png")
+               "eval/n_samples": float(n), "eval/n_real": r["n_real"] if n_real is None else n_real}
+    grid = _grid(np.concatenate(head), settings, out / "samples.png")
     tags = {tracking.SAMPLES_NPZ: str(npz), tracking.TOKENIZER: settings["tokenizer"],
             tracking.FID_PROTOCOL: f"{settings['per_class']} samples per class x {settings['num_classes']} classes "
                                    f"vs {key['reference'] or 'no reference'} (magvit2.evaluate ar)"}
-    print(f"AR {src.name} ({'released' if src.reference else 'run'}): {len(images)} samples -> {npz}")
+    print(f"AR {src.name} ({'released' if src.reference else 'run'}): {n} samples -> {npz}")
     params = {**key, "batch_size": a.batch_size, "model_size": src.info.get("model_size")}
     return common.finish(a, "ar", src, out, params, metrics, tags, [grid], _rows(metrics))
 
@@ -147,10 +150,10 @@ def _rows(m: dict) -> list:
     return [("FID", m["eval/fid"], vs), ("IS", m["eval/is"], ns), ("IS std (10 splits)", m["eval/is_std"], ns)]
 
 
-def _grid(images: np.ndarray, settings: dict, path: Path) -> Path:
+def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:
+    """The first classes' samples (up to 10 rows), one row per class."""
     from magvit2.stages.generate import save_sample_grid
     per = settings["per_class"]
-    first = images[: per * min(10, settings["num_classes"])]
     x = torch.from_numpy(first).permute(0, 3, 1, 2).float() / 127.5 - 1
     return save_sample_grid(x, per, path, title=f"CFG {settings['cfg_scale']}, temperature {settings['temperature']}")
 

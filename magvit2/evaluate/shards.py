@@ -76,14 +76,13 @@ def done(out: Path, shards: list[Shard]) -> list[Shard]:
     return [s for s in shards if (out / s.name).exists()]
 
 
-def merge(out: Path, shards: list[Shard]) -> np.ndarray:
-    """Every shard's images, in item order; a shard of the wrong length is named (a truncated or foreign file)."""
-    parts = []
+def images(out: Path, shards: list[Shard], size: int):
+    """Each shard's (n, size, size, 3) images in item order, one shard in memory at a time; a shard of the wrong
+    length or image size is named (a truncated or foreign file)."""
     for s in shards:
         with np.load(out / s.name) as z:
             a = z["images"]
-        if len(a) != s.stop - s.start:
-            raise ConfigError(f"{out / s.name} holds {len(a)} images, not {s.stop - s.start}: delete it and run "
-                              f"again to redraw it")
-        parts.append(a)
-    return np.concatenate(parts)
+        if a.shape != (s.stop - s.start, size, size, 3):
+            raise ConfigError(f"{out / s.name} holds images {a.shape}, not {(s.stop - s.start, size, size, 3)}: "
+                              f"delete it and run again to redraw it")
+        yield a

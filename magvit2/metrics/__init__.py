@@ -3,7 +3,7 @@
 Pretrained networks: local file, hub cache or download (pretrained.py); without them a metric is a
 Missing(reason), never a number.
 """
-from .adm import export_adm_npz
+from .adm import AdmNpzWriter, export_adm_npz
 from .generation import GenerationMetrics
 from .missing import Missing
 from .pretrained import (InceptionFeatures, find_weights, inception_for_fid, inception_from_config, load_lpips,
@@ -17,6 +17,7 @@ __all__ = [
     "Missing",
     "ReconstructionMetrics",
     "codebook_stats",
+    "AdmNpzWriter",
     "export_adm_npz",
     "find_weights",
     "inception_for_fid",
