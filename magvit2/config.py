@@ -78,6 +78,10 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(ac, bool):
             raise ConfigError(f"trainer.ar.activation_checkpointing={ac!r}: use true (recompute the blocks' "
                               f"activations in the backward, for memory) or false (keep them, the default)")
+        prc = cfg.get("metrics", {}).get("precision_recall", False)
+        if not isinstance(prc, bool):
+            raise ConfigError(f"metrics.precision_recall={prc!r}: use true (the in-loop evaluation also gives "
+                              f"precision / recall, keeping every image's Inception features) or false (the default)")
         init = cfg.model.get("init_from")
         if init not in (None, "") and not Path(str(init)).expanduser().exists():
             raise ConfigError(f"model.init_from={init} does not exist: give a released Open-MAGVIT2 AR .ckpt, an AR "

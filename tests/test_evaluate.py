@@ -171,12 +171,15 @@ def test_fid_and_is_against_a_reference_batch(runs, one_process, inception, tmp_
     shutil.copytree(one_process, out)  # same settings, another reference: evaluated again, nothing redrawn
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=_samples(one_process))  # the samples themselves: FID ~ 0
-    assert main([*_ar(runs, out, "--ref-batch", str(ref)), "--inception-weights", inception]) == 0
+    assert main([*_ar(runs, out, "--ref-batch", str(ref)), "--inception-weights", inception,
+                 "--precision-recall"]) == 0
     out_text = capsys.readouterr().out
     assert "0 drawn already" not in out_text and "20 samples vs 20 reference" in out_text
+    assert "recall (k = 3)" in out_text
     res = json.loads((out / "results.json").read_text())
     m = res["metrics"]
     assert abs(m["eval/fid"]) < 1e-2 and np.isfinite(m["eval/is"]) and m["eval/n_real"] == 20
+    assert m["eval/precision"] == m["eval/recall"] == 1.0  # every sample is a reference image: inside its own ball
     assert res["missing"] == {}
     run = _mlflow_run(out.parent, res["mlflow_run_id"])
     assert run.data.tags["magvit2.reference"] == "false"
@@ -211,6 +214,35 @@ def test_precomputed_reference_statistics_give_the_images_fid():
     for g in (by_images, by_stats):
         g.update_fake(fake)
     assert by_stats.compute()["fid"] == pytest.approx(by_images.compute()["fid"], rel=1e-6)
+
+
+def test_adm_batch_gives_fid_by_its_stats_and_precision_recall_by_its_streamed_images(tmp_path, monkeypatch):
+    from argparse import Namespace
+
+    from magvit2.evaluate import ar
+    from magvit2.metrics import GenerationMetrics
+    torch.manual_seed(0)
+    net = _TinyInception().requires_grad_(False)
+    real = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
+    near = (real[:12].int() + torch.randint(-3, 4, (12, 3, 8, 8))).clamp(0, 255).to(torch.uint8)
+    fake = torch.cat([near, torch.randint(0, 100, (13, 3, 8, 8), dtype=torch.uint8)])  # half near, half a dark mode
+    direct = GenerationMetrics(net, is_splits=1, precision_recall=True)  # the images themselves
+    direct.update_real(real)
+    f = net(real)[:, :8].double()
+    batch = tmp_path / "VIRTUAL_batch.npz"  # the ADM layout: images and their statistics
+    np.savez(batch, arr_0=real.permute(0, 2, 3, 1).numpy(), mu=f.mean(0).numpy(), sigma=torch.cov(f.T).numpy())
+    a = Namespace(ref_batch=batch, ref_dir=None)
+    g = GenerationMetrics(net, is_splits=1, precision_recall=True)
+    assert ar.add_reference(g, a, 8, bs=7) == 30  # 5 batches, the last one short
+    for m in (direct, g):
+        m.update_fake(fake)
+    want, got = direct.compute(), g.compute()
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-6) and got["n_real"] == 2  # FID: the stats, not twice
+    assert (got["precision"], got["recall"]) == (want["precision"], want["recall"])
+    assert 0 < want["precision"] < 1 and got["n_real_features"] == 30
+    # without precision / recall the 2 GB of images are not read: the stats give FID
+    monkeypatch.setattr(ar, "_npz_batches", lambda *a: pytest.fail("arr_0 read for nothing"))
+    assert ar.add_reference(GenerationMetrics(net, is_splits=1), a, 8, bs=7) == 30
 
 
 @pytest.mark.parametrize("args,needle", [

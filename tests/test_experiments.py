@@ -68,8 +68,8 @@ def test_factorization_two_seeds_aggregate_with_spread_and_report_cli(root):
     df = sweep(root, "factorization", "hydra.sweeper.params.factorization='k6_12,k9_9'", "seed=0,1")
     members, agg, md = check(df, "factorization", root, {"k6_12/stand_B", "k9_9/stand_B"},
                              ["val loss (nats)", "val loss 1 (nats)", "val loss 2 (nats)", "N val loss img",
-                              "N samples", "tokens/s", "sampling images/s", "model GFLOP/step", "device-hours",
-                              "peak RSS (GiB, CPU)"])
+                              "N samples", "precision", "recall", "tokens/s", "sampling images/s",
+                              "model GFLOP/step", "device-hours", "peak RSS (GiB, CPU)"])
     assert "seed" in members.index.names and len(members) == 4
     loss = agg["val loss (nats)"]
     assert (loss["n"] == 2).all() and (loss["std"] > 0).all() and (loss["hi"] > loss["lo"]).all()

@@ -16,6 +16,7 @@ from test_recipe import cfg_of
     ("trainer.tokenizer.ckpt_every=0", "trainer.tokenizer.ckpt_every=0"), ("seed=abc", "seed='abc'"),
     ("model.num_classes=3", "model.num_classes=3 is smaller than the data's 10 classes"),
     ("sampling.cfg_scale=[1,2,3]", "sampling.cfg_scale has 3 values"),
+    ("metrics.precision_recall=maybe", "metrics.precision_recall='maybe': use true"),
 ])
 def test_bad_settings_are_caught_by_validate(override, needle):
     with pytest.raises(C.ConfigError) as e:

@@ -275,6 +275,49 @@ def test_inception_score_matches_hand_formula_and_needs_enough_images():
     assert ">= 2 images" in r.compute()["rfid"].reason
 
 
+def _prc_by_hand(fake: np.ndarray, real: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaenniemi et al. 2019 in float64 numpy: a point's ball reaches its k-th nearest neighbour of its own set."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    radius_real, radius_fake = (np.sort(dist(a, a), 1)[:, k] for a in (real, fake))  # column 0: itself
+    precision = (dist(fake, real) <= radius_real[None]).any(1).mean()
+    recall = (dist(real, fake) <= radius_fake[None]).any(1).mean()
+    return float(precision), float(recall)
+
+
+def test_precision_recall_match_the_definition_and_say_when_they_cannot():
+    real = images(40, 16, seed=3)
+    # half the samples near the reference images, half a brighter mode: precision and recall strictly inside (0, 1)
+    fake = torch.cat([noisy(real[:20], 0.05, seed=4), (images(20, 16, seed=5) * 0.5 + 0.5)])
+    net, seen = TinyFeatures(), {}
+    feats = {n: net(((v + 1) / 2 * 255).round().to(torch.uint8))[:, :8].double().numpy()
+             for n, v in (("real", real), ("fake", fake))}
+    for k in (1, 3, 5):
+        g = GenerationMetrics(net, is_splits=1, precision_recall=True, prc_k=k)
+        for i in range(0, 40, 16):  # batches: the features are concatenated, not averaged
+            g.update_real(real[i:i + 16])
+            g.update_fake(fake[i:i + 16])
+        out = g.compute()
+        p, r = _prc_by_hand(feats["fake"], feats["real"], k)
+        assert (out["precision"], out["recall"]) == (pytest.approx(p, abs=1e-6), pytest.approx(r, abs=1e-6)), k  # 1/40 apart
+        seen[k] = r
+        assert 0 < p < 1 and out["n_real_features"] == 40
+    assert seen[1] < seen[3] <= seen[5]  # bigger balls reach more reference images
+    assert "precision" not in GenerationMetrics(net).compute()  # off by default: no features kept
+
+    few = GenerationMetrics(net, precision_recall=True)
+    few.update_real(real[:3])
+    few.update_fake(fake)
+    assert "more than k = 3 reference images and samples, got 3 and 40" in few.compute()["recall"].reason
+    stats_only = GenerationMetrics(net, precision_recall=True)
+    from magvit2.evaluate.ar import set_real_stats  # an ADM batch's mu / sigma: FID's sums, no image features
+    set_real_stats(stats_only, feats["real"].mean(0), np.cov(feats["real"], rowvar=False))
+    stats_only.update_fake(fake)
+    assert "precomputed mu / sigma: give its images" in stats_only.compute()["precision"].reason
+    with pytest.raises(ValueError, match="prc_k"):
+        GenerationMetrics(net, precision_recall=True, prc_k=0)
+
+
 def test_inception_argument_is_checked():
     with pytest.raises(ValueError, match="inception"):
         GenerationMetrics(nn.Identity())
@@ -286,9 +329,12 @@ def _ddp_worker(rank, rendezvous, x, y, idx, queue):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         m = ReconstructionMetrics(16, inception=TinyFeatures())
+        g = GenerationMetrics(TinyFeatures(), is_splits=2, precision_recall=True)
         half = slice(rank * 6, (rank + 1) * 6)
         m.update(x[half], y[half], idx[half])
-        queue.put((rank, m.compute()))
+        g.update_real(x[half])
+        g.update_fake(y[half])
+        queue.put((rank, {**m.compute(), **{f"gen_{k}": v for k, v in g.compute().items()}}))
     finally:
         dist.destroy_process_group()
 
@@ -302,7 +348,10 @@ def test_states_are_summed_over_ranks_under_torch_distributed(tmp_path):
     idx[6:] = idx[6:] % 4  # the ranks see different codes: utilization must come from the summed histogram
     full = ReconstructionMetrics(16, inception=TinyFeatures())
     full.update(x, y, idx)
-    expected = full.compute()
+    gen = GenerationMetrics(TinyFeatures(), is_splits=2, precision_recall=True)
+    gen.update_real(x)
+    gen.update_fake(y)
+    expected = {**full.compute(), **{f"gen_{k}": v for k, v in gen.compute().items()}}
 
     ctx = mp.get_context("spawn")  # fork would inherit OpenMP state and deadlock
     queue = ctx.Queue()
@@ -314,7 +363,8 @@ def test_states_are_summed_over_ranks_under_torch_distributed(tmp_path):
         p.join(timeout=60)
         assert p.exitcode == 0
     for rank in (0, 1):
-        for key in ("psnr", "ssim", "ssim_skimage", "utilization", "perplexity", "n_images", "n_tokens", "rfid"):
+        for key in ("psnr", "ssim", "ssim_skimage", "utilization", "perplexity", "n_images", "n_tokens", "rfid",
+                    "gen_fid", "gen_precision", "gen_recall", "gen_n_real_features"):  # features: concatenated
             assert results[rank][key] == pytest.approx(expected[key], rel=1e-4), (rank, key)
         assert isinstance(results[rank]["lpips"], Missing)
 

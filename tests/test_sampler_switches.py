@@ -1,6 +1,7 @@
 """The speed settings sampling.cache / sampling.compile and trainer.ar.activation_checkpointing: the same math as
 the defaults (same draws, same gradients), no change to run signatures, wired through training, `python -m
-magvit2.sample` and `python -m magvit2.evaluate ar`, and a one-line error for a bad value."""
+magvit2.sample` and `python -m magvit2.evaluate ar`, and a one-line error for a bad value. The training run here
+also has an Inception file and metrics.precision_recall=true: the in-loop FID / IS / precision / recall path."""
 from __future__ import annotations
 
 import json
@@ -150,8 +151,12 @@ COUNTED = ("import atexit, sys\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    from weights import make_inception_weights
     root = tmp_path_factory.mktemp("switches")
-    args = train_cmd(root, "trainer.ar.activation_checkpointing=true", "sampling.cache=static")[3:]
+    # a random-weight Inception file: the in-loop FID / IS / precision / recall code runs (numbers of no meaning)
+    inception = make_inception_weights(root / "inception.pth")
+    args = train_cmd(root, "trainer.ar.activation_checkpointing=true", "sampling.cache=static",
+                     f"metrics.inception_weights={inception}", "metrics.precision_recall=true")[3:]
     p = _checked(subprocess.run([sys.executable, "-c", COUNTED, *args], cwd=root, env=_train_env(None),
                                 capture_output=True, text=True, timeout=600), True)
     assert "checkpointed blocks: 18" in p.stderr  # 6 steps x (2 inter + 1 intra); none in val loss or sampling
@@ -163,6 +168,9 @@ def test_training_run_with_the_switches_logs_sampling_throughput(run):
     root, rd = run
     res = json.loads((rd / "results.json").read_text())
     assert res["compute/sample_images_per_s"] > 0 and res["eval/n_samples"] == 8
+    # the in-loop evaluation with an Inception file (random weights: only that the numbers exist and are in range)
+    assert np.isfinite(res["eval/fid"]) and res["eval/n_real"] == res["eval/n_real_features"] == 20
+    assert all(0 <= res[f"eval/{k}"] <= 1 for k in ("precision", "recall"))
     # sampling.compile=cuda_graphs on a CPU machine: one line naming the setting before the AR trains
     p = run_train(root, "sampling.cache=static", "sampling.compile=cuda_graphs", "trainer.ar.steps=7", check=False)
     assert p.returncode == 2 and "error: sampling.compile=cuda_graphs" in p.stderr, p.stderr[-2000:]

@@ -33,6 +33,9 @@ def add_args(ap) -> None:
                      "VIRTUAL_imagenet256_labeled.npz): its mu/sigma if present, else its arr_0 images")
     ref.add_argument("--ref-dir", type=Path, default=None, help="reference image folder (resized + center-cropped to "
                      "the samples' size)")
+    ap.add_argument("--precision-recall", action="store_true", help="also precision / recall (k = 3 nearest "
+                    "neighbours on the Inception pool features, as the ADM evaluator): fidelity and diversity. Keeps "
+                    "every image's features; reads the reference's images (an ADM batch's arr_0 too)")
     ap.add_argument("--shard-size", type=int, default=250, help="samples per shard file, the unit of work split over "
                     "ranks and of resuming (default 250)")
     common.add_common_args(ap)
@@ -110,7 +113,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
     """Stream the shards into samples.npz (and the Inception), then FID / IS against the reference; results, MLflow."""
     from magvit2 import tracking
     from magvit2.runs import read_json
-    key = {**settings, "reference": _reference(a)}  # what the results are of
+    key = {**settings, "reference": _reference(a), "precision_recall": a.precision_recall}  # what results are of
     prev = read_json(out / "results.json")
     if prev and {k: prev["settings"].get(k) for k in key} == key:  # another rank (or an earlier run) got here first
         print(f"already evaluated: {out / 'results.json'}")
@@ -118,7 +121,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
         return prev
     npz = out / "samples.npz"
     inception = M.inception_for_fid(a.inception_weights, download=not a.no_download)
-    gm = M.GenerationMetrics(inception, device=device)
+    gm = M.GenerationMetrics(inception, device=device, precision_recall=a.precision_recall)
     bs = a.batch_size or 100
     n, size = plan[-1].stop, settings["image_size"]
     head, features = [], not isinstance(inception, M.Missing)  # head: the grid's images (the first 10 classes)
@@ -135,6 +138,8 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
         r["fid"] = M.Missing("no reference: give --ref-batch VIRTUAL_imagenet256_labeled.npz or --ref-dir DIR")
     metrics = {"eval/fid": r["fid"], "eval/is": r["is"], "eval/is_std": r["is_std"],
                "eval/n_samples": float(n), "eval/n_real": r["n_real"] if n_real is None else n_real}
+    if a.precision_recall:
+        metrics.update({"eval/precision": r.get("precision", inception), "eval/recall": r.get("recall", inception)})
     grid = _grid(np.concatenate(head), settings, out / "samples.png")
     tags = {tracking.SAMPLES_NPZ: str(npz), tracking.TOKENIZER: settings["tokenizer"],
             tracking.FID_PROTOCOL: f"{settings['per_class']} samples per class x {settings['num_classes']} classes "
@@ -147,7 +152,8 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
 def _rows(m: dict) -> list:
     ns, nr = f"{int(m['eval/n_samples'])} samples", m["eval/n_real"]
     vs = f"{ns} vs {int(nr)} reference" if not isinstance(nr, M.Missing) and nr else ns
-    return [("FID", m["eval/fid"], vs), ("IS", m["eval/is"], ns), ("IS std (10 splits)", m["eval/is_std"], ns)]
+    return [("FID", m["eval/fid"], vs), ("IS", m["eval/is"], ns), ("IS std (10 splits)", m["eval/is_std"], ns)] + \
+        [(f"{k} (k = 3)", m[f"eval/{k}"], vs) for k in ("precision", "recall") if f"eval/{k}" in m]
 
 
 def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:
@@ -164,20 +170,24 @@ def add_reference(gm, a, size: int, bs: int):
     reference images when it is not what gm counted (precomputed statistics), else None."""
     if a.ref_batch is not None:
         with np.load(a.ref_batch) as z:
-            if "mu" in z.files and "sigma" in z.files:
+            stats, images = "mu" in z.files and "sigma" in z.files, "arr_0" in z.files
+            if stats:
                 set_real_stats(gm, z["mu"], z["sigma"])
-                return float(_rows_in(a.ref_batch, "arr_0")) if "arr_0" in z.files else M.Missing(
-                    "the reference batch holds mu/sigma without its images: their count is not stored")
-            if "arr_0" not in z.files:
-                raise ConfigError(f"--ref-batch {a.ref_batch}: neither mu/sigma nor arr_0 images in it")
-            ref = z["arr_0"]
-        if ref.dtype != np.uint8 or ref.ndim != 4 or ref.shape[-1] != 3:
-            raise ConfigError(f"--ref-batch {a.ref_batch}: arr_0 is {ref.dtype} {ref.shape}, not uint8 (N,H,W,3)")
-        if ref.shape[1:3] != (size, size):
-            log.warning(f"--ref-batch images are {ref.shape[1]}x{ref.shape[2]}, the samples {size}x{size}")
-        for i in tqdm(range(0, len(ref), bs), desc="Inception (reference)", unit="batch", mininterval=1.0):
-            gm.update_real(torch.from_numpy(ref[i:i + bs]).permute(0, 3, 1, 2))
-        return None
+        if not stats and not images:
+            raise ConfigError(f"--ref-batch {a.ref_batch}: neither mu/sigma nor arr_0 images in it")
+        shape, fortran, dtype = _npz_header(a.ref_batch, "arr_0") if images else ((), False, None)
+        if images and (not stats or gm.pool is not None):  # the images: for FID, or for precision / recall only
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+                raise ConfigError(f"--ref-batch {a.ref_batch}: arr_0 is {dtype} {shape}, not uint8 (N,H,W,3)")
+            if shape[1:3] != (size, size):
+                log.warning(f"--ref-batch images are {shape[1]}x{shape[2]}, the samples {size}x{size}")
+            for x in tqdm(_npz_batches(a.ref_batch, "arr_0", shape, bs), total=-(-shape[0] // bs),
+                          desc="Inception (reference)", unit="batch", mininterval=1.0):
+                gm.update_real(torch.from_numpy(x).permute(0, 3, 1, 2), fid=not stats)
+        if not stats:
+            return None
+        return float(shape[0]) if images else M.Missing(
+            "the reference batch holds mu/sigma without its images: their count is not stored")
     from torch.utils.data import DataLoader
 
     from magvit2.evaluate.images import ImageFiles
@@ -201,9 +211,25 @@ def set_real_stats(gm, mu: np.ndarray, sigma: np.ndarray, k: int = 2) -> None:
     gm.n_real.update(k)  # GenerationMetrics computes FID from >= 2 real images
 
 
-def _rows_in(path: Path, name: str) -> int:
-    """Length of array `name` in an npz, from its header only (an ADM batch's arr_0 is 10k images, ~2 GB)."""
+def _npy_header(f) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy file `f`, which is left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), fortran, dtype
+
+
+def _npz_header(path: Path, name: str) -> tuple[tuple, bool, np.dtype]:
+    """The header of array `name` in an npz, read without its data (an ADM batch's arr_0 is 10k images, ~2 GB)."""
     with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return int(read(f)[0][0])
+        return _npy_header(f)
+
+
+def _npz_batches(path: Path, name: str, shape: tuple, bs: int):
+    """(<= bs, H, W, 3) uint8 batches of array `name` of an npz, read from the zip one batch at a time."""
+    row = int(np.prod(shape[1:]))
+    with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+        _npy_header(f)
+        for i in range(0, shape[0], bs):
+            n = min(bs, shape[0] - i)
+            yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])

@@ -63,3 +63,21 @@ class CodeHistogram(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.counts
+
+
+class Rows(Metric):
+    """Every row seen, concatenated over updates and (under torch.distributed) ranks: features kept whole, for the
+    statistics that need them (precision / recall's k-NN balls), unlike FID's running sums."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(self, rows: torch.Tensor) -> None:
+        self.rows.append(rows.detach().float())
+
+    def compute(self) -> torch.Tensor:
+        from torchmetrics.utilities import dim_zero_cat
+        return dim_zero_cat(self.rows) if len(self.rows) else torch.zeros(0, 0)

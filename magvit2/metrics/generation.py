@@ -1,8 +1,12 @@
 """Generation FID and Inception Score of samples vs reference images, with the local FID Inception.
 
 FID uses the 2048-d pool features; IS uses the unbiased logits (1008 classes of the TF graph) in `splits` groups,
-as torch-fidelity/torchmetrics do. The official protocol is 50k samples (50 per class) vs the ImageNet reference
-batch; for numbers comparable to papers also export the samples with export_adm_npz for the ADM evaluator.
+as torch-fidelity/torchmetrics do. Precision / recall (Kynkaenniemi et al. 2019; optional: they keep every image's
+pool features) use the same 2048-d pool features and k = 3 nearest neighbours, as the ADM evaluator does, computed
+by torch-fidelity's implementation: precision is the share of samples inside some reference image's k-NN ball
+(fidelity), recall the share of reference images inside some sample's ball (diversity). The official protocol is
+50k samples (50 per class) vs the ImageNet reference batch; for numbers comparable to papers also export the samples
+with export_adm_npz for the ADM evaluator.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import warnings
 
 import torch
 
-from .accumulators import Count
+from .accumulators import Count, Rows
 from .inception import check_images, check_inception, make_fid, make_is, to_uint8, to_unit
 from .missing import Missing, finite_or_missing
 
@@ -26,11 +30,16 @@ def as_uint8(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class GenerationMetrics:
-    def __init__(self, inception, device="cpu", is_splits: int = 10):
+    def __init__(self, inception, device="cpu", is_splits: int = 10, precision_recall: bool = False,
+                 prc_k: int = 3):
         if not isinstance(is_splits, int) or is_splits < 1:
             raise ValueError(f"is_splits must be a positive int (10 is the usual), got {is_splits!r}")
-        self.device, self.is_splits = torch.device(device), is_splits
+        if not isinstance(prc_k, int) or prc_k < 1:
+            raise ValueError(f"prc_k must be a positive int (3, the ADM evaluator's), got {prc_k!r}")
+        self.device, self.is_splits, self.prc_k = torch.device(device), is_splits, prc_k
         self.n_real, self.n_fake = Count().to(self.device), Count().to(self.device)
+        # pool features of both sides, for precision / recall (None: not asked for)
+        self.pool = {"real": Rows().to(self.device), "fake": Rows().to(self.device)} if precision_recall else None
         self.inception = check_inception(inception, "GenerationMetrics")
         if not isinstance(self.inception, Missing):
             self.inception = self.inception.to(self.device)
@@ -38,12 +47,18 @@ class GenerationMetrics:
             self.inception_score = make_is(self.inception, is_splits, self.device)
 
     @torch.no_grad()
-    def update_real(self, x: torch.Tensor) -> None:
-        """Reference images: uint8 (B,3,H,W) or float in [-1,1]."""
+    def update_real(self, x: torch.Tensor, fid: bool = True) -> None:
+        """Reference images: uint8 (B,3,H,W) or float in [-1,1]. fid=False: for precision / recall only (FID's
+        reference statistics came precomputed, so these images must not count twice)."""
         x = as_uint8(x, "x").to(self.device)
         if not isinstance(self.inception, Missing):
-            self.fid.update(self.inception(x), real=True)
-        self.n_real.update(x.shape[0])
+            feats = self.inception(x)
+            if fid:
+                self.fid.update(feats, real=True)
+            if self.pool is not None:
+                self.pool["real"].update(feats[:, :self.inception.pool_dim])
+        if fid:
+            self.n_real.update(x.shape[0])
 
     @torch.no_grad()
     def update_fake(self, x: torch.Tensor) -> None:
@@ -53,11 +68,13 @@ class GenerationMetrics:
             feats = self.inception(x)  # one pass for both metrics
             self.fid.update(feats, real=False)
             self.inception_score.update(feats)
+            if self.pool is not None:
+                self.pool["fake"].update(feats[:, :self.inception.pool_dim])
         self.n_fake.update(x.shape[0])
 
     def reset(self) -> None:
         """Start a new evaluation (keeps the network)."""
-        for m in (self.n_real, self.n_fake):
+        for m in (self.n_real, self.n_fake, *(self.pool or {}).values()):
             m.reset()
         if not isinstance(self.inception, Missing):
             self.fid.reset()
@@ -82,4 +99,20 @@ class GenerationMetrics:
                 mean, std = self.inception_score.compute()
             out["is"] = float(mean)
             out["is_std"] = float(std) if self.is_splits > 1 else Missing("is_std needs is_splits >= 2")
+        if self.pool is not None:
+            out.update(self._precision_recall())
         return out
+
+    def _precision_recall(self) -> dict[str, float | Missing]:
+        from torch_fidelity.metric_prc import prc_features_to_metric
+        real, fake = self.pool["real"].compute(), self.pool["fake"].compute()
+        out: dict[str, float | Missing] = {"n_real_features": float(len(real))}
+        if min(len(real), len(fake)) <= self.prc_k:
+            miss = Missing(f"precision / recall need more than k = {self.prc_k} reference images and samples, got "
+                           f"{len(real)} and {len(fake)}" + (" (the reference came as precomputed mu / sigma: give "
+                           "its images)" if len(real) == 0 and self.n_real.total() else ""))
+            return {**out, "precision": miss, "recall": miss}
+        # torch-fidelity's convention: features_1 the samples, features_2 the reference; k-NN radii by kthvalue(k + 1)
+        r = prc_features_to_metric(fake, real, prc_neighborhood=self.prc_k, prc_batch_size=10000,
+                                   save_cpu_ram=True, verbose=False)
+        return {**out, "precision": float(r["precision"]), "recall": float(r["recall"])}

@@ -16,17 +16,17 @@ from magvit2.results.tables import ar_table, seeds_markdown, tokenizer_table
 COST = ["device-hours", "wall (s)", "images/s", "tokens/s", "sampling images/s", "model GFLOP/step", "MFU (%)",
         "peak GPU mem (GiB)", "peak RSS (GiB, CPU)"]
 AR_KEYS = ["val loss (nats)", "FID (in-loop)", "IS"]
+GEN = ["FID (in-loop)", "IS", "precision", "recall"]  # precision / recall where the runs logged them
 # experiment -> (stage of its members, its metric columns (N columns are kept with them), the key metrics compared)
 EXPERIMENTS = {
     "lfq_vs_vq": ("tokenizer", ["utilization (%)", "perplexity", "N tokens", "PSNR (dB)", "SSIM", "LPIPS", "rFID",
                                 "N img"], ["utilization (%)", "PSNR (dB)", "rFID"]),
-    "factorization": ("ar", ["val loss (nats)", "val loss *", "N val loss img", "FID (in-loop)", "IS", "N samples",
-                             "N val img"], AR_KEYS),
-    "intra_vs_heads": ("ar", ["params (incl. head)", "val loss (nats)", "val loss *", "N val loss img",
-                              "FID (in-loop)", "IS", "N samples"], AR_KEYS),
-    "scaling": ("ar", ["params (incl. head)", "val loss (nats)", "N val loss img", "FID (in-loop)", "IS",
-                       "N samples"], AR_KEYS),
-    "recipe": ("ar", ["val loss (nats)", "N val loss img", "FID (in-loop)", "IS", "N samples"], AR_KEYS),
+    "factorization": ("ar", ["val loss (nats)", "val loss *", "N val loss img", *GEN, "N samples", "N val img"],
+                      AR_KEYS),
+    "intra_vs_heads": ("ar", ["params (incl. head)", "val loss (nats)", "val loss *", "N val loss img", *GEN,
+                              "N samples"], AR_KEYS),
+    "scaling": ("ar", ["params (incl. head)", "val loss (nats)", "N val loss img", *GEN, "N samples"], AR_KEYS),
+    "recipe": ("ar", ["val loss (nats)", "N val loss img", *GEN, "N samples"], AR_KEYS),
     "cross_dataset": ("tokenizer", ["PSNR (dB)", "SSIM", "LPIPS", "rFID", "N img", "utilization (%)", "N tokens"],
                       ["PSNR (dB)", "rFID"]),
 }

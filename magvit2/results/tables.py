@@ -25,13 +25,16 @@ AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n
 COMPUTE_COLUMNS = {"wall (s)": "compute/wall_s", "device-hours": "compute/device_hours",
                    "model GFLOP/step": "compute/flops_per_step", "MFU (%)": "compute/mfu",
                    "peak GPU mem (GiB)": "compute/peak_gpu_mem_gib", "peak RSS (GiB, CPU)": "compute/peak_rss_gib"}
-THROUGHPUT = {"tokenizer": {"images/s": "compute/images_per_s"},
-              "ar": {"tokens/s": "compute/tokens_per_s", "sampling images/s": "compute/sample_images_per_s"}}
+# Per stage, columns shown only when some run logged them: throughput; precision / recall (metrics.precision_recall
+# in-loop, `evaluate ar --precision-recall`), whose N are FID's
+IF_LOGGED = {"tokenizer": {"images/s": "compute/images_per_s"},
+             "ar": {"tokens/s": "compute/tokens_per_s", "sampling images/s": "compute/sample_images_per_s",
+                    "precision": "eval/precision", "recall": "eval/recall"}}
 PERCENT = {"eval/utilization", "compute/mfu"}  # fractions shown x100
 GIGA = {"compute/flops_per_step"}
 # which way is better, for the bold best value of a column
 LOWER_BETTER = ("rFID", "LPIPS", "FID", "val loss")
-HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)")
+HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)", "precision", "recall")
 MISSING = "—"
 
 
@@ -47,7 +50,7 @@ def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str
     levels += [c for c in df.columns if c.startswith("choice.") and c[len("choice."):] not in keys
                and df[c].astype(str).nunique() > 1]
     df = df.assign(arm=arm_labels(df))
-    columns = {**columns, **{n: c for n, c in {**THROUGHPUT.get(stage, {}), **COMPUTE_COLUMNS}.items()
+    columns = {**columns, **{n: c for n, c in {**IF_LOGGED.get(stage, {}), **COMPUTE_COLUMNS}.items()
                              if c in df or any(c in m for m in df.get("missing", []) if isinstance(m, dict))}}
     # rows that still collide: the overrides that tell them apart (the arm), then the seed, then the run
     for extra in ("arm", "seed", "run_name"):

@@ -113,7 +113,8 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     res = {"eval/n_samples": float(len(labels)), "compute/sample_images_per_s": len(labels) / max(secs, 1e-9)}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
-        gm = M.GenerationMetrics(inception, device=acc.device)
+        gm = M.GenerationMetrics(inception, device=acc.device,
+                                 precision_recall=bool(cfg.metrics.get("precision_recall", False)))
         val = build_dataset(cfg.data, "val", cfg.seed)
         mine_val = list(range(acc.process_index, len(val), acc.num_processes))
         for i in range(0, len(mine_val), 64):
@@ -137,7 +138,8 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
         M.export_adm_npz(as_numpy_uint8(images), npz)
         ctx.tracker.set_tags({tracking.SAMPLES_NPZ: str(npz)})
     if isinstance(inception, M.Missing):
-        for k in ("eval/fid", "eval/is"):
+        prc = ("eval/precision", "eval/recall") if cfg.metrics.get("precision_recall", False) else ()
+        for k in ("eval/fid", "eval/is") + prc:
             ctx.tracker.log_missing(k, inception.reason)
         return res
     for k, v in out.items():
