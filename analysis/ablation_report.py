@@ -46,12 +46,14 @@ df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
 # ## Tables
 # A dash is a metric that was not logged; the numbered list under a table gives the reason recorded with the run.
 # The best value of each metric column is in bold (lower is better for FID, rFID, LPIPS and losses; higher for PSNR,
-# SSIM, IS and utilization). Each metric comes with its N (images, tokens, samples): compare FIDs only at equal N.
+# SSIM, IS, utilization, precision and recall). Each metric comes with its N (images, tokens, samples): compare FIDs
+# only at equal N.
 # "SSIM" is scikit-image's 7x7 uniform-window SSIM (the reference's); "SSIM (Gaussian 11x11)" is torchmetrics'.
 # "FID (in-loop)" is the training run's samples against the validation images, not the paper's gFID (50,000
-# samples, 50 per class, vs the ADM ImageNet-256 reference batch). Losses are in nats; "steps (schedule)" are the
-# planned steps (status says whether the run got there); "params (incl. head)" counts every parameter, the 2^K-way
-# output head included. Cost columns (where the runs logged them): wall time and device-hours (time x processes,
+# samples, 50 per class, vs the ADM ImageNet-256 reference batch); precision and recall, where the runs were asked
+# for them (metrics.precision_recall), use k = 3 nearest neighbours on the same Inception features and N. Losses
+# are in nats; "steps (schedule)" are the planned steps (status says whether the run got there); "params (incl.
+# head)" counts every parameter, the 2^K-way output head included. Cost columns (where the runs logged them): wall time and device-hours (time x processes,
 # all attempts), training throughput, model FLOPs per step (AR analytic, tokenizer measured), MFU where the device's
 # peak is known (else a numbered reason), peak memory (GPU: max allocated; CPU: process max RSS).
 #
@@ -128,7 +130,9 @@ def keep(fig, path, runs, key):
 
 
 if len(ar):
-    for metric in ("eval/fid", "eval/is", "val/loss"):
+    prc = [m for m in ("eval/precision", "eval/recall")  # metrics.precision_recall: plotted where asked for
+           if m in ar or any(isinstance(d, dict) and m in d for d in ar.get("missing", []))]
+    for metric in ("eval/fid", "eval/is", *prc, "val/loss"):
         p = out / f"scaling_{slug(metric)}.png"
         keep(plot_scaling(ar, metric, p), p, ar, metric)
     hist = load_history(ar["run_id"], ["train/loss", "val/loss", "val/loss_*"], tracking_uri)

@@ -253,6 +253,7 @@ def test_report_cli(store, tmp_path):
     assert "FID (in-loop): N samples vs N val images, not the paper's 50k-sample gFID" in md
     pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
     assert {"scaling_eval_fid.png", "curve_val_loss.png", "curve_val_loss_2.png"} <= set(pngs)
+    assert "precision (k = 3" not in md and "| precision |" not in md  # not asked for: no column, plot or note
     for p in pngs:
         assert (out / p).stat().st_size > 5000, p
     html = (out / "report.html").read_text()

@@ -19,6 +19,7 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
 
 # axis labels that say what a metric is (the in-loop FID is not the paper's 50k-sample gFID)
 LABELS = {"eval/fid": "FID (in-loop: samples vs val images)", "eval/is": "IS (in-loop samples)",
+          "eval/precision": "precision (k = 3, in-loop)", "eval/recall": "recall (k = 3, in-loop)",
           "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)",
           "eval/psnr": "PSNR (dB)", "eval/utilization": "codebook utilization (%)", "eval/rfid": "rFID",
           "val/loss": "val loss (nats, sum over sub-tokens)", "train/loss": "train loss"}
