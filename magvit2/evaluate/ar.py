@@ -232,4 +232,4 @@ def _npz_batches(path: Path, name: str, shape: tuple, bs: int):
         _npy_header(f)
         for i in range(0, shape[0], bs):
             n = min(bs, shape[0] - i)
-            yield np.frombuffer(f.read(n * row), np.uint8).reshape(n, *shape[1:])
+            yield np.frombuffer(bytearray(f.read(n * row)), np.uint8).reshape(n, *shape[1:])  # writable, for torch
