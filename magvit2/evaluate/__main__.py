@@ -1,6 +1,6 @@
 """python -m magvit2.evaluate tokenizer SOURCE --data DIR [--resolution 256] [--num-images N] [--weights ema|raw]
 python -m magvit2.evaluate ar SOURCE [--tokenizer SOURCE] [--per-class 50] [--num-classes N] [--seed S]
-                              [--ref-batch VIRTUAL_imagenet256_labeled.npz | --ref-dir DIR]
+                              [--ref-batch VIRTUAL_imagenet256_labeled.npz | --ref-dir DIR] [--precision-recall]
 
 SOURCE: a finished run dir (outputs/runs/<stage>/<signature>), its checkpoint.pt, or a released Open-MAGVIT2 .ckpt.
 `ar` splits its sampling over the processes of `accelerate launch` / torchrun / a SLURM job step (RANK/WORLD_SIZE or
@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="kind", required=True)
     for name, mod, what in (("tokenizer", tokenizer, "reconstruction metrics on an image folder"),
-                            ("ar", ar, "class-conditional samples, FID and IS")):
+                            ("ar", ar, "class-conditional samples, FID and IS (and precision / recall)")):
         p = sub.add_parser(name, help=what, description=mod.__doc__)
         mod.add_args(p)
         p.set_defaults(run=mod.run)

@@ -166,7 +166,8 @@ def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:
 
 def add_reference(gm, a, size: int, bs: int):
     """The reference side of FID: an ADM batch's mu / sigma (the same 2015-12-05 Inception's pool features), else
-    its arr_0 images; or an image folder's images, resized + center-cropped to the samples' size. -> the number of
+    its arr_0 images; or an image folder's images, resized + center-cropped to the samples' size. An ADM batch's
+    images are streamed from the zip, and with mu / sigma read only for precision / recall. -> the number of
     reference images when it is not what gm counted (precomputed statistics), else None."""
     if a.ref_batch is not None:
         with np.load(a.ref_batch) as z:

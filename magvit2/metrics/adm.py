@@ -52,8 +52,12 @@ class AdmNpzWriter:
 
     def __exit__(self, kind, err, tb) -> None:
         try:
-            for f in (self._entry, self._zip, self._file):
-                f.close()
+            self._entry.close()
+            self._zip.close()  # writes the zip's central directory
+            if kind is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())  # on disk before the rename makes it the file
+            self._file.close()
             if kind is None and self.n != self.shape[0]:
                 raise ValueError(f"{self.n} images written, {self.shape[0]} declared: {self.path} not written")
             if kind is None:
