@@ -91,6 +91,33 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
     assert "4x4 tokens" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two processes start up
+def test_tokenizer_split_over_two_processes_gives_the_one_process_metrics(runs, photos, inception, tmp_path):
+    from mlflow_server import free_port
+    args = ["tokenizer", str(runs["tokenizer"]), "--data", str(photos), "--resolution", "32", "--num-images", "7",
+            "--workers", "0", "--inception-weights", inception, "--no-download"]
+    assert main([*args, "--root", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "magvit2.evaluate", *args, "--root", str(tmp_path / "two")],
+                              cwd=REPO, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "rank 1 of 2 (RANK/WORLD_SIZE): 3 of 7 images" in logs[1]
+    (one,), (two,) = ((tmp_path / k / "evaluate" / "tokenizer").glob("*/results.json") for k in ("one", "two"))
+    one, two = (json.loads(p.read_text())["metrics"] for p in (one, two))
+    assert two["eval/n_images"] == 7 and two["eval/n_tokens"] == 7 * 8 * 8  # both ranks' images, counted once
+    assert two.keys() == one.keys() and two == {k: pytest.approx(v, rel=1e-5) for k, v in one.items()}
+
+
+def test_more_processes_than_images_is_one_error_line(runs, photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "8")  # rank 0 of 8: refused before it waits for the 7 others
+    assert main(["tokenizer", str(runs["tokenizer"]), "--data", str(photos), "--num-images", "7", "--workers", "0",
+                 "--no-download", "--root", str(tmp_path)]) == 2
+    assert "8 processes (RANK/WORLD_SIZE) for 7 images: launch at most 7" in capsys.readouterr().err
+
+
 def _ar(runs, out: Path, *extra: str) -> list[str]:
     return ["ar", str(runs["ar"]), *AR_ARGS, "--no-download", "--out", str(out), "--root", str(out.parent), *extra]
 

@@ -39,6 +39,22 @@ def local_device():
     return torch.device("cuda", local % torch.cuda.device_count())
 
 
+def join_process_group(world: int) -> bool:
+    """The torch.distributed group of a launch with world > 1, for metrics summed over ranks (torchmetrics syncs
+    its states in compute()): torchrun / accelerate launch set MASTER_ADDR / PORT, submitit derives them in a SLURM
+    job step. -> whether this call created it (then destroy it at the end)."""
+    import torch
+    import torch.distributed as dist
+    if world == 1 or dist.is_initialized():
+        return False
+    from magvit2.runtime.dist import export_slurm_env
+    export_slurm_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())  # NCCL gathers on this rank's GPU
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 @dataclass(frozen=True)
 class Shard:
     start: int

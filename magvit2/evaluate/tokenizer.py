@@ -1,17 +1,18 @@
 """`python -m magvit2.evaluate tokenizer`: reconstruct an image folder, report rFID, PSNR, SSIM, LPIPS, utilization
 and perplexity (the original's scripts/evaluation: ImageNet val 50k at 256 or 128; the tokenizer is fully
-convolutional, so the 128-L tokenizer on 256px inputs gives the 32x32-token row)."""
+convolutional, so the 128-L tokenizer on 256px inputs gives the 32x32-token row). Under torchrun / accelerate launch
+/ a SLURM job step each rank reconstructs every world-th image, and the metrics' states are summed over ranks."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
 from magvit2.config import ConfigError
 from magvit2.evaluate import common
 from magvit2.evaluate.images import ImageFiles
-from magvit2.evaluate.shards import local_device
+from magvit2.evaluate.shards import join_process_group, local_device, rank_world
 from magvit2.evaluate.sources import load_tokenizer_source
 
 
@@ -33,6 +34,18 @@ def run(a) -> dict:
             raise ConfigError(f"{flag} {v} must be >= 1")
     common.check_weight_files(a)
     ds = ImageFiles(a.data, a.resolution, a.num_images)  # a bad folder fails before any weights load
+    rank, world, how = rank_world()
+    if world > len(ds):  # a rank without images would leave torchmetrics' list states out of the gather
+        raise ConfigError(f"{world} processes ({how}) for {len(ds)} images: launch at most {len(ds)}")
+    joined = join_process_group(world)
+    try:
+        return _evaluate(a, ds, rank, world, how)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(a, ds, rank: int, world: int, how: str) -> dict:
     tok, src = load_tokenizer_source(a.source, a.weights)
     if a.resolution % tok.downsample:
         raise ConfigError(f"--resolution {a.resolution} is not divisible by the tokenizer's downsampling "
@@ -47,16 +60,22 @@ def run(a) -> dict:
     rm = M.ReconstructionMetrics(tok.quantizer.codebook_size, device=device,
                                  lpips_model=M.load_lpips(a.vgg16_weights, download=dl),
                                  inception=M.inception_for_fid(a.inception_weights, download=dl))
-    loader = DataLoader(ds, batch_size=a.batch_size or 32, num_workers=a.workers)
+    mine = ds if world == 1 else Subset(ds, range(rank, len(ds), world))
+    if world > 1:
+        print(f"rank {rank} of {world} ({how}): {len(mine)} of {len(ds)} images")
+    loader = DataLoader(mine, batch_size=a.batch_size or 32, num_workers=a.workers)
     first = None
-    for x in tqdm(loader, desc="reconstructing", unit="batch", mininterval=1.0):
+    for x in tqdm(loader, desc="reconstructing" + (f" (rank {rank})" if world > 1 else ""), unit="batch",
+                  mininterval=1.0):
         x = x.to(device)
         x_rec, q = tok(x)
         x_rec = x_rec.float().clamp(-1, 1)
         rm.update(x, x_rec, q.indices)
         if first is None:
             first = (x[:8].cpu(), x_rec[:8].cpu())
-    m = rm.compute()
+    m = rm.compute()  # every rank: torchmetrics sums the states over the process group
+    if rank != 0:
+        return {}
     out.mkdir(parents=True, exist_ok=True)
     from magvit2.metrics.grids import save_grid
     grid = save_grid(first, out / "recon_grid.png", labels=("original", "reconstruction"))
