@@ -92,10 +92,11 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
 
 
 @pytest.mark.slow  # two processes start up
-def test_tokenizer_split_over_two_processes_gives_the_one_process_metrics(runs, photos, inception, tmp_path):
+def test_tokenizer_split_over_two_processes_gives_the_one_process_metrics(runs, photos, tmp_path):
     from mlflow_server import free_port
+    # no Inception here (rFID's states sum over ranks like the others: tests/test_metrics.py, with a small network)
     args = ["tokenizer", str(runs["tokenizer"]), "--data", str(photos), "--resolution", "32", "--num-images", "7",
-            "--workers", "0", "--inception-weights", inception, "--no-download"]
+            "--workers", "0", "--no-download"]
     assert main([*args, "--root", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
@@ -109,6 +110,7 @@ def test_tokenizer_split_over_two_processes_gives_the_one_process_metrics(runs, 
     one, two = (json.loads(p.read_text())["metrics"] for p in (one, two))
     assert two["eval/n_images"] == 7 and two["eval/n_tokens"] == 7 * 8 * 8  # both ranks' images, counted once
     assert two.keys() == one.keys() and two == {k: pytest.approx(v, rel=1e-5) for k, v in one.items()}
+    assert {"eval/psnr", "eval/ssim", "eval/ssim_skimage", "eval/utilization", "eval/perplexity"} <= two.keys()
 
 
 def test_more_processes_than_images_is_one_error_line(runs, photos, tmp_path, monkeypatch, capsys):
@@ -172,6 +174,14 @@ def test_resume_skips_finished_shards(runs, one_process, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.npz") if p.name in kept} == kept
     assert (out / "shard-0000006-0000012.npz").is_file()
     assert np.array_equal(_samples(out), _samples(one_process))
+    # --precision-recall: evaluated again (without an Inception: missing, with the reason), nothing redrawn; then
+    # the same command without it finds those results
+    assert main(_ar(runs, out, "--precision-recall")) == 0
+    assert "already evaluated" not in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert {"eval/precision", "eval/recall"} <= set(res["missing"])
+    assert main(_ar(runs, out)) == 0
+    assert "already evaluated" in capsys.readouterr().out
     # other settings in the same folder: refused, naming them
     assert main(_ar(runs, out, "--seed", "4")) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -113,7 +113,8 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
     """Stream the shards into samples.npz (and the Inception), then FID / IS against the reference; results, MLflow."""
     from magvit2 import tracking
     from magvit2.runs import read_json
-    key = {**settings, "reference": _reference(a), "precision_recall": a.precision_recall}  # what results are of
+    # what the results are of (precision_recall only when asked: results from before it existed still match)
+    key = {**settings, "reference": _reference(a), **({"precision_recall": True} if a.precision_recall else {})}
     prev = read_json(out / "results.json")
     if prev and {k: prev["settings"].get(k) for k in key} == key:  # another rank (or an earlier run) got here first
         print(f"already evaluated: {out / 'results.json'}")
