@@ -16,6 +16,7 @@ from magvit2.metrics.grids import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)
 
+
 def sampler(sampling, device) -> tuple[bool | str, bool | str]:
     """(use_cache, compile) of sampling.cache / sampling.compile (config.sampler_settings), checked against the
     device that samples."""
@@ -102,6 +103,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     progress; it is not the paper's gFID (50 samples x 1000 classes vs the ADM ImageNet-256 reference batch)."""
     from magvit2.build import build_dataset
     acc, s = ctx.acc, cfg.sampling
+    prc = bool(cfg.metrics.get("precision_recall", False))  # metrics.precision_recall (validated in config)
     labels = class_labels(cfg.model.num_classes, s.per_class)
     mine = torch.arange(acc.process_index, len(labels), acc.num_processes)
     # throughput: all samples / the slowest rank's seconds (tokens, decode, and sampling.compile's compilation);
@@ -113,8 +115,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     res = {"eval/n_samples": float(len(labels)), "compute/sample_images_per_s": len(labels) / max(secs, 1e-9)}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
-        gm = M.GenerationMetrics(inception, device=acc.device,
-                                 precision_recall=bool(cfg.metrics.get("precision_recall", False)))
+        gm = M.GenerationMetrics(inception, device=acc.device, precision_recall=prc)
         val = build_dataset(cfg.data, "val", cfg.seed)
         mine_val = list(range(acc.process_index, len(val), acc.num_processes))
         for i in range(0, len(mine_val), 64):
@@ -138,8 +139,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
         M.export_adm_npz(as_numpy_uint8(images), npz)
         ctx.tracker.set_tags({tracking.SAMPLES_NPZ: str(npz)})
     if isinstance(inception, M.Missing):
-        prc = ("eval/precision", "eval/recall") if cfg.metrics.get("precision_recall", False) else ()
-        for k in ("eval/fid", "eval/is") + prc:
+        for k in ("eval/fid", "eval/is") + (("eval/precision", "eval/recall") if prc else ()):
             ctx.tracker.log_missing(k, inception.reason)
         return res
     for k, v in out.items():
