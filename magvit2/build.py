@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import Dataset
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.data.images import ImageFolder, PhotoCrops
 from magvit2.data.tokens import TokenShards, variants
 from magvit2.models.ar import ARConfig, FactorizedAR

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 
 RNG_FORMAT = 2  # 1 (unversioned): pickled Python/numpy objects, refused by weights_only loading
 

@@ -20,10 +20,6 @@ _CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers",
                  "cache", "activation_checkpointing")  # sampler KV-cache layout; memory traded for recompute
 
 
-class ConfigError(ValueError):
-    """A bad setting: the message names the setting and what would fix it."""
-
-
 def _pow2(k) -> int:
     return 2 ** int(k)
 

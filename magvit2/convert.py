@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from magvit2 import checkpoint, released
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.runs import RunDir
 
 log = logging.getLogger("magvit2.convert")

@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError, StorageError
 from magvit2.tempfiles import mkstemp
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ def storage_error(e: OSError, path) -> OSError:
                             f"{_ROOT_SETTING}; point it at a writable folder (finished runs can still be read where "
                             f"they are)")
     return e
-
-
-class StorageError(ConfigError):
-    """The run dir cannot be written (disk full, read-only): the message names the path and the setting."""
 
 
 def tmp_prefix(path: Path) -> str:

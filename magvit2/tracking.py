@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ def tracking_uri(root: str, uri: str | None = None) -> str:
         # sqlite cannot create the folder of its database file.
         Path(chosen[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
     return chosen
-
-
-class TrackingError(ConfigError):
-    """The tracking server cannot be used as configured; the message says which setting to change."""
 
 
 _URI_SETTING = "MLFLOW_TRACKING_URI (or tracking.uri)"

@@ -39,7 +39,7 @@ def main(cfg: DictConfig):
         print(f"{'' if started is None else chr(10)}error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        from magvit2.runtime.context import Diverged
+        from magvit2.errors import Diverged
         from magvit2.runs import storage_error
         if isinstance(e, OSError) and storage_error(e, e.filename or cfg.paths.root) is not e:
             print(f"\nerror: {storage_error(e, e.filename or cfg.paths.root)}", file=sys.stderr)  # disk full, ro

@@ -17,6 +17,7 @@ import magvit2.train  # noqa: F401  (resolvers, sweeper/launcher config nodes)
 from conftest import REPO, TINY
 from magvit2 import build as B
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.data.images import ImageFolder, PhotoCrops
 from magvit2.data.tokens import TokenShards
 from magvit2.models.ar import FactorizedAR, count_params
@@ -108,11 +109,11 @@ def test_datasets(tmp_path):
     folder = B.build_dataset(cfg_of("data=imagefolder", f"path={tmp_path}", "tokenizer.resolution=16", tiny=False).data,
                              "val")
     assert isinstance(folder, ImageFolder) and folder[0][0].shape == (3, 16, 16) and folder.resize == "bilinear"
-    with pytest.raises(C.ConfigError, match="path=/your/images"):
+    with pytest.raises(ConfigError, match="path=/your/images"):
         B.build_dataset(cfg_of("data=imagefolder", tiny=False).data, "train")
     with open_dict(cfg):
         cfg.data.name = "nope"
-    with pytest.raises(C.ConfigError, match="data=nope"):
+    with pytest.raises(ConfigError, match="data=nope"):
         B.build_dataset(cfg.data, "train")
 
 
@@ -155,7 +156,7 @@ def test_ar_seeds_share_the_tokenizer_of_tokens_seed():
     # one tokenizer per AR seed, when asked for
     per = [cfg_of(f"seed={s}", "tokens.seed=${seed}") for s in (0, 1)]
     assert C.tokenizer_signature(per[0]) != C.tokenizer_signature(per[1])
-    with pytest.raises(C.ConfigError, match=r"tokens.seed='x' must be an integer"):
+    with pytest.raises(ConfigError, match=r"tokens.seed='x' must be an integer"):
         C.validate(cfg_of("tokens.seed=x"))
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_train
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2 import checkpoint
 
 

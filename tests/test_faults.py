@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, TINY, assert_same_weights, load_ckpt, run_train, train_cmd
 from magvit2 import checkpoint
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.runs import RunDir
 
 TOK = ["stage=tokenizer", "data.train_size=8"]

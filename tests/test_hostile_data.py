@@ -14,6 +14,7 @@ from PIL import Image
 import magvit2.train  # noqa: F401  (resolvers, sweeper/launcher config nodes)
 from conftest import REPO, run_train
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.data import tokens as T
 
 
@@ -77,11 +78,11 @@ def test_changed_images_change_the_signature_per_fingerprint_mode(tmp_path):
     assert _sigs(path, "data.fingerprint=none") == none and _sigs(path, "data.fingerprint=content") == content
     _images(imgs / "train" / "cls", 1, value=200)  # 0.png rewritten with other pixels
     assert _sigs(path, "data.fingerprint=content") != content and _sigs(path, "data.fingerprint=none") == none
-    with pytest.raises(C.ConfigError, match="data.fingerprint='mtime'"):
+    with pytest.raises(ConfigError, match="data.fingerprint='mtime'"):
         _sigs(path, "data.fingerprint=mtime")
     # on_bad_image is no part of the identity: a run stopped by a bad image resumes with skip
     assert _sigs(path, "data.on_bad_image=skip") == _sigs(path)
-    with pytest.raises(C.ConfigError, match="data.on_bad_image='ignore'"):
+    with pytest.raises(ConfigError, match="data.on_bad_image='ignore'"):
         _sigs(path, "data.on_bad_image=ignore")
 
 
@@ -133,7 +134,7 @@ def test_skip_replaces_a_bad_image_by_the_next_readable_one(tmp_path):
     assert np.array_equal(lenient[(0, 1)][0].numpy(), x.numpy())  # deterministic
     assert lenient.skipped() == [str(tmp_path / "train" / "cls" / "0a.png")]
     assert skipped_images(lenient) == {"data/skipped_images": 1.0} and skipped_images(strict) == {}
-    with pytest.raises(C.ConfigError, match="on_bad_image"):
+    with pytest.raises(ConfigError, match="on_bad_image"):
         ImageFolder(**kw, on_bad_image="ignore")
 
 

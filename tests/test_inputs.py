@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.data.images import ImageFolder, open_rgb
 from test_recipe import cfg_of
 
@@ -19,7 +20,7 @@ from test_recipe import cfg_of
     ("metrics.precision_recall=maybe", "metrics.precision_recall='maybe': use true"),
 ])
 def test_bad_settings_are_caught_by_validate(override, needle):
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         C.validate(cfg_of(override))
     assert needle in str(e.value)
 
@@ -33,10 +34,10 @@ def test_16_bit_png_keeps_its_values(tmp_path):
     assert got.shape == (8, 8, 3) and (got[..., 0] == got[..., 1]).all()
     np.testing.assert_array_equal(got[..., 0], np.round(ramp / 257).astype(np.uint8))  # not saturated to white
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "f.tif")
-    with pytest.raises(C.ConfigError, match="f.tif: mode F"):
+    with pytest.raises(ConfigError, match="f.tif: mode F"):
         open_rgb(tmp_path / "f.tif")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
-    with pytest.raises(C.ConfigError, match="bad.jpg cannot be read"):
+    with pytest.raises(ConfigError, match="bad.jpg cannot be read"):
         open_rgb(tmp_path / "bad.jpg")
 
 
@@ -49,5 +50,5 @@ def test_val_labels_come_from_train_classes(tmp_path):
     assert val.classes == ["ant", "bee", "cat"]
     assert [c for _, c in val.items] == [1, 2]  # bee, cat keep train's labels although val lacks ant
     (tmp_path / "val" / "dog").mkdir()
-    with pytest.raises(C.ConfigError, match="classes that train/ lacks \\(dog\\)"):
+    with pytest.raises(ConfigError, match="classes that train/ lacks \\(dog\\)"):
         ImageFolder(str(tmp_path), 8, "val")

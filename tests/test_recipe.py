@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 import magvit2.train  # noqa: F401  (resolvers, sweeper/launcher config nodes)
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.models.ar import ARConfig, FactorizedAR
 from magvit2.models.discriminator import generator_adv_loss
 from magvit2.models.llama import apply_rope, rope_table
@@ -93,9 +94,9 @@ def test_sampling_values_spread_over_subtokens_and_bad_lengths_fail_before_train
     assert C.subtoken_values(1.5, 3, "s") == [1.5] * 3
     assert C.subtoken_values([1.0, 2.0], 3, "s") == [1.0, 1.5, 2.0]
     assert C.subtoken_values([1.0, 2.0], 1, "s") == [1.5]
-    with pytest.raises(C.ConfigError, match="sampling.cfg_scale has 3 values"):
+    with pytest.raises(ConfigError, match="sampling.cfg_scale has 3 values"):
         C.validate(cfg_of("sampling.cfg_scale=[1,2,3]"))
-    with pytest.raises(C.ConfigError, match="sampling.temperature"):
+    with pytest.raises(ConfigError, match="sampling.temperature"):
         C.validate(cfg_of("sampling.temperature=[1.0,0.0]"))
     C.validate(cfg_of("factorization=k6_6_6"))  # the original's two values spread over M = 3
 
@@ -246,5 +247,5 @@ def test_imagefolder_resize_is_torchvision_resize_unless_bicubic_is_asked():
     assert got.size == ref.size == (22, 16) and np.array_equal(np.asarray(got), np.asarray(ref))
     alt = resize_short(img, 16, "bicubic")
     assert alt.size == (23, 16)  # rounds the longer side where torchvision truncates
-    with pytest.raises(C.ConfigError, match="data.resize"):
+    with pytest.raises(ConfigError, match="data.resize"):
         resize_short(img, 16, "nearest")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from magvit2 import released
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.models.ar import ARConfig, FactorizedAR
 from magvit2.models.discriminator import PatchDiscriminator
 from magvit2.models.ema import EMA

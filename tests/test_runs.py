@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.runs import RunDir, atomic_write_text, slurm_job_id
 
 

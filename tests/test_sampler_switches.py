@@ -19,6 +19,7 @@ from test_build import cfg_of
 from test_speed_modes import tiny
 
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.evaluate.__main__ import main as evaluate
 from magvit2.models.ar import ARConfig, FactorizedAR, subtoken_loss
 from magvit2.sample import main as sample
@@ -94,7 +95,7 @@ def test_every_cache_draws_the_same_images_through_sample_images(monkeypatch):
                                                     "CUDA device, this one is cpu"),
 ])
 def test_bad_sampler_settings_name_the_setting(kw, needle):
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         sampler(settings(**kw), "cpu")
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert sampler(settings(), "cpu") == (True, False)  # absent (a run from before the settings): the defaults
@@ -107,7 +108,7 @@ def test_bad_sampler_settings_name_the_setting(kw, needle):
     ("trainer.ar.activation_checkpointing=yes", "trainer.ar.activation_checkpointing='yes': use true"),
 ])
 def test_bad_speed_settings_fail_validation_before_launch(override, needle):
-    with pytest.raises(C.ConfigError, match=re.escape(needle)):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         C.validate(cfg_of(override))
     C.validate(cfg_of("sampling.cache=static", "sampling.compile=cuda_graphs"))  # the GPU is checked where it samples
 

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_server import sqlite_root  # noqa: F401 - fixture
 
 from magvit2 import tracking
+from magvit2.errors import TrackingError
 from magvit2.tracking import MemberRun, ensure_sweep_run, finish_sweep_run, flatten, get_experiment_id
 
 EXP = "magvit2-ar"
@@ -194,7 +195,7 @@ def test_check_server_names_what_to_change_for_a_dead_server():
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
-    with pytest.raises(tracking.TrackingError) as e:
+    with pytest.raises(TrackingError) as e:
         tracking.check_server(uri)
     took = time.monotonic() - t0
     msg = str(e.value)

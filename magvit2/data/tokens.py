@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from magvit2.config import ConfigError, data_identity
+from magvit2.config import data_identity
+
+from magvit2.errors import ConfigError
 from magvit2.data.images import split_key
 from magvit2.runs import FileLock, atomic_write_text
 

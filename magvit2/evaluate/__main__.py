@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 
 
 def main(argv=None) -> int:

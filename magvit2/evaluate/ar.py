@@ -12,7 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
-from magvit2.config import ConfigError, subtoken_values
+from magvit2.config import subtoken_values
+from magvit2.errors import ConfigError
 from magvit2.evaluate import common, shards
 from magvit2.evaluate.sources import load_ar_source, sampling_settings
 from magvit2.sample import add_sampling_args, check_args

@@ -26,7 +26,7 @@ def add_common_args(ap) -> None:
 
 
 def check_weight_files(a) -> None:
-    from magvit2.config import ConfigError
+    from magvit2.errors import ConfigError
     for flag in ("inception_weights", "vgg16_weights"):
         path = getattr(a, flag, None)
         if path is not None and not Path(path).expanduser().is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.data.images import IMG_EXT, open_rgb, resize_short, to_tensor
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.runs import atomic_write, atomic_write_text, read_json
 
 

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.evaluate import common
 from magvit2.evaluate.images import ImageFiles
 from magvit2.evaluate.shards import join_process_group, local_device, rank_world

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.models.ar import FactorizedAR
 from magvit2.models.tokenizer import Tokenizer
 from magvit2.quantizers import LFQ

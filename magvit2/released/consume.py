@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 
 
 class Consumer:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from magvit2.config import ConfigError
+from magvit2.errors import ConfigError
 from magvit2.runs import atomic_write
 
 # Keys that only the original's files have: a tokenizer (VQModel) or an AR model (Net2NetTransformer).

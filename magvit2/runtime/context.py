@@ -11,15 +11,12 @@ import torch
 from omegaconf import DictConfig
 
 from magvit2.checkpoint import set_rng_state
+from magvit2.errors import Diverged
 from magvit2.runs import RunDir
 from magvit2.runtime import dist
 from magvit2.runtime.preempt import Preemption
 
 log = logging.getLogger(__name__)
-
-
-class Diverged(RuntimeError):
-    """More non-finite losses than trainer.<stage>.max_nonfinite_steps allows: the run ends `diverged`."""
 
 
 class RunContext:

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
 from magvit2 import tracking
-from magvit2.config import ConfigError, sampler_settings, subtoken_values
+from magvit2.config import sampler_settings, subtoken_values
+from magvit2.errors import ConfigError
 from magvit2.metrics.grids import as_numpy_uint8, save_grid
 
 log = logging.getLogger(__name__)

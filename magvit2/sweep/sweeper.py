@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.plugins.sweeper import Sweeper
 
 from magvit2 import config as C
+from magvit2.errors import TrackingError
 from magvit2.sweep import state, summary
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str]
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri(root, config.tracking.uri))
     try:  # before anything is submitted: a refused tracking server fails the sweep once, with what to change
         tracking.check_server()
-    except tracking.TrackingError as e:
+    except TrackingError as e:
         print(f"error: the sweep was not started: {e}", file=sys.stderr)
         sys.exit(2)
     sigs = [r["signature"] for r in rows] + [Path(r["tokenizer"]["run_dir"]).name for r in rows if r.get("tokenizer")]
