@@ -146,3 +146,61 @@ def sqlite_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fresh_sqlite(tmp_path / "outputs")
     return tmp_path / "outputs"
+
+
+def readme_server_lines(readme: Path) -> tuple[str, str]:
+    """The `mlflow server ...` command (with its continuation lines) and the `export MLFLOW_TRACKING_URI=` line of
+    the README's "Running a sweep on SLURM" section, verbatim."""
+    section = Path(readme).read_text().split("## Running a sweep on SLURM", 1)[1]
+    lines = section.split("```bash", 1)[1].split("```", 1)[0].splitlines()
+    i = j = next(i for i, line in enumerate(lines) if line.startswith("mlflow server"))
+    while lines[j].rstrip().endswith("\\"):
+        j += 1
+    export = next(line for line in lines if line.startswith("export MLFLOW_TRACKING_URI="))
+    return "\n".join(lines[i:j + 1]), export
+
+
+class ReadmeServer:
+    """The README's server command run as written (in `workdir`, with `bin_dir` first on PATH), only its port 5000
+    swapped for a free one; `.uri` is what the README's export line gives (http://<hostname>:<port>)."""
+
+    def __init__(self, readme: Path, workdir: Path, bin_dir: Path, timeout: float = 90.0):
+        import re
+        self.dir, self.port, self.timeout = Path(workdir), free_port(), timeout
+        server, export = readme_server_lines(readme)
+        self.script = "\n".join(re.sub(r"\b5000\b", str(self.port), s) for s in (server, export))
+        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def __enter__(self) -> "ReadmeServer":
+        (self.dir / "outputs").mkdir(parents=True, exist_ok=True)
+        shutil.copy(empty_store(), self.dir / "outputs" / "mlflow.db")  # skips ~10 s of schema migrations
+        self.log = open(self.dir / "server.log", "wb")
+        self.proc = subprocess.Popen(["bash", "-c", f'{self.script}\necho "$MLFLOW_TRACKING_URI" > uri.txt\nwait'],
+                                     cwd=self.dir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200 and (self.dir / "uri.txt").exists():
+                        self.uri = (self.dir / "uri.txt").read_text().strip()
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"README server not healthy: {self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        return (self.dir / "server.log").read_text(errors="replace")[-n:]
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # bash, the server and its workers: one process group
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self.log.close()
