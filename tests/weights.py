@@ -43,3 +43,10 @@ def make_inception_weights(path: str | os.PathLike, seed: int = 0) -> str:
     torch.nn.init.normal_(net.fc.weight, std=net.fc.in_features**-0.5)
     torch.save(net.state_dict(), path)
     return os.fspath(path)
+
+
+def make_alexnet_weights(path: str | os.PathLike, seed: int = 0) -> str:
+    """A torchvision alexnet state_dict (layout of alexnet-owt-7be5be79.pth) with torchvision's random init."""
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return os.fspath(path)

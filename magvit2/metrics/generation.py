@@ -15,28 +15,31 @@ import warnings
 import torch
 
 from .accumulators import Count, Rows
+from . import protocol as P
 from .inception import check_images, check_inception, make_fid, make_is, to_uint8, to_unit
 from .missing import Missing, finite_or_missing
 
 
-def as_uint8(x: torch.Tensor, name: str) -> torch.Tensor:
-    """uint8 images pass through; float images are taken to be in [-1,1] (model space)."""
+def as_uint8(x: torch.Tensor, name: str, mode: str = "trunc") -> torch.Tensor:
+    """uint8 images pass through; float images are taken to be in [-1,1] (model space) and converted by `mode`."""
     check_images(x, name)
     if x.dtype == torch.uint8:
         return x
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected uint8 [0,255] or float [-1,1] images, got {x.dtype}")
-    return to_uint8(to_unit(x))
+    return to_uint8(to_unit(x), mode)
 
 
 class GenerationMetrics:
     def __init__(self, inception, device="cpu", is_splits: int = 10, precision_recall: bool = False,
-                 prc_k: int = 3):
+                 prc_k: int = 3, protocol=None):
+        """protocol (metrics/protocol.py): how float images become uint8 (reference: truncation)."""
         if not isinstance(is_splits, int) or is_splits < 1:
             raise ValueError(f"is_splits must be a positive int (10 is the usual), got {is_splits!r}")
         if not isinstance(prc_k, int) or prc_k < 1:
             raise ValueError(f"prc_k must be a positive int (3, the ADM evaluator's), got {prc_k!r}")
         self.device, self.is_splits, self.prc_k = torch.device(device), is_splits, prc_k
+        self.protocol = P.get(protocol)
         self.n_real, self.n_fake = Count().to(self.device), Count().to(self.device)
         # pool features of both sides, for precision / recall (None: not asked for)
         self.pool = {"real": Rows().to(self.device), "fake": Rows().to(self.device)} if precision_recall else None
@@ -50,7 +53,7 @@ class GenerationMetrics:
     def update_real(self, x: torch.Tensor, fid: bool = True) -> None:
         """Reference images: uint8 (B,3,H,W) or float in [-1,1]. fid=False: for precision / recall only (FID's
         reference statistics came precomputed, so these images must not count twice)."""
-        x = as_uint8(x, "x").to(self.device)
+        x = as_uint8(x, "x", self.protocol.to_uint8).to(self.device)
         if not isinstance(self.inception, Missing):
             feats = self.inception(x)
             if fid:
@@ -63,7 +66,7 @@ class GenerationMetrics:
     @torch.no_grad()
     def update_fake(self, x: torch.Tensor) -> None:
         """Generated samples: uint8 (B,3,H,W) or float in [-1,1]."""
-        x = as_uint8(x, "x").to(self.device)
+        x = as_uint8(x, "x", self.protocol.to_uint8).to(self.device)
         if not isinstance(self.inception, Missing):
             feats = self.inception(x)  # one pass for both metrics
             self.fid.update(feats, real=False)

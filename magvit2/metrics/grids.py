@@ -44,6 +44,8 @@ def save_grid(rows, path: Path, labels=None, scale: int = 2, title: str | None =
     return path
 
 
-def as_numpy_uint8(x: torch.Tensor) -> np.ndarray:
-    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the layout of ADM-evaluator npz files."""
-    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
+def as_numpy_uint8(x: torch.Tensor, mode: str = "trunc") -> np.ndarray:
+    """(B,3,H,W) in [-1,1] -> (B,H,W,3) uint8, the layout of ADM-evaluator npz files; `mode` is the protocol's
+    (metrics/protocol.py: "trunc" under reference, as the original's chw_to_pillow)."""
+    from .inception import to_uint8 as unit_to_uint8, to_unit
+    return unit_to_uint8(to_unit(x), mode).permute(0, 2, 3, 1).cpu().numpy()

@@ -55,9 +55,23 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x.float().clamp(-1, 1) + 1) / 2
 
 
-def to_uint8(x01: torch.Tensor) -> torch.Tensor:
-    """[0,1] -> uint8 with rounding (as torchvision.utils.save_image), the Inception's input type."""
-    return (x01 * 255).round().to(torch.uint8)
+def to_uint8(x01: torch.Tensor, mode: str = "round") -> torch.Tensor:
+    """[0,1] -> uint8. "trunc": `.to(uint8)` of x*255, as the original's evaluation and `chw_to_pillow` do (43% of
+    pixels land one level below rounding); "round": as torchvision.utils.save_image."""
+    if mode not in ("trunc", "round"):
+        raise ValueError(f"to_uint8: mode must be 'trunc' or 'round', got {mode!r}")
+    x = x01 * 255
+    return (x if mode == "trunc" else x.round()).to(torch.uint8)
+
+
+def uint8_levels(x01: torch.Tensor) -> torch.Tensor:
+    """[0,1] floats quantized as the original quantizes them before PSNR / SSIM: truncated to uint8, then /255."""
+    return to_uint8(x01, "trunc").float() / 255
+
+
+def inception_input(net: nn.Module, x01: torch.Tensor, uint8_mode: str) -> torch.Tensor:
+    """What `net` takes: float [0,1] for pytorch-fid's network (input_kind "unit_float"), else uint8."""
+    return x01 if getattr(net, "input_kind", "uint8") == "unit_float" else to_uint8(x01, uint8_mode)
 
 
 def check_images(x: torch.Tensor, name: str) -> None:

@@ -6,7 +6,9 @@ mirror; metrics.download=false switches it off). Only when all fail is the metri
 what was tried, never a number from random weights.
 LPIPS: the lpips package's calibrated linear layers ship inside its wheel; its trunk (torchvision VGG16/AlexNet)
 is built randomly and then overwritten from a torchvision state_dict file.
-FID/IS: torch-fidelity's InceptionV3 (pt_inception-2015-12-05 weights, the TF FID graph converted to PyTorch).
+FID/IS: torch-fidelity's InceptionV3 (pt_inception-2015-12-05 weights, the TF FID graph converted to PyTorch) on
+uint8 images; rFID under metrics.protocol=reference: pytorch-fid's InceptionV3 (the original's network) on float
+[0, 1] images, loaded from the same file (one key layout).
 """
 from __future__ import annotations
 
@@ -139,6 +141,37 @@ def load_lpips(vgg_weights: str | os.PathLike | None, net: str = "vgg", *, url: 
     return model.eval()
 
 
+class PytorchFidInception(nn.Module):
+    """pytorch-fid's FID InceptionV3, the network of the original's rFID: float [0,1] (B,3,H,W) -> (B, 2048) pool
+    features. pytorch-fid's own forward resizes to 299 (F.interpolate, bilinear, align_corners=False) and maps to
+    [-1, 1] (2x - 1)."""
+
+    pool_dim, logits_dim, input_kind = 2048, 0, "unit_float"
+
+    def __init__(self, weights_path: str | os.PathLike):
+        super().__init__()
+        from unittest import mock
+
+        import pytorch_fid.inception as pfi
+
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        # pytorch-fid fetches its weights by URL inside fid_inception_v3(): hand it the file the chain found instead
+        with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
+            self.net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[self.pool_dim]], resize_input=True,
+                                       normalize_input=True, use_fid_inception=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "PytorchFidInception":
+        return super().train(False)  # BatchNorm statistics are part of the FID definition
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"PytorchFidInception: expected float [0,1] (B,3,H,W), got {x.dtype} {tuple(x.shape)}")
+        return self.net(x)[0].flatten(1)
+
+
 class InceptionFeatures(nn.Module):
     """torch-fidelity's FID InceptionV3; uint8 (B,3,H,W) -> (B, 2048 + 1008): pool features, then unbiased logits.
 
@@ -170,25 +203,30 @@ class InceptionFeatures(nn.Module):
         return torch.cat([pool, logits], dim=1)
 
 
-def inception_for_fid(weights: str | os.PathLike | None, *, url: str | None = None,
-                      download: bool = True) -> InceptionFeatures | Missing:
-    """The FID/IS Inception from a pt_inception-2015-12-05 file; None: hub cache, then download (find_weights)."""
+def inception_for_fid(weights: str | os.PathLike | None, *, url: str | None = None, download: bool = True,
+                      kind: str = "uint8") -> InceptionFeatures | PytorchFidInception | Missing:
+    """The FID/IS Inception from a pt_inception-2015-12-05 file; None: hub cache, then download (find_weights).
+    kind "uint8": torch-fidelity's (FID and IS); "pytorch_fid": pytorch-fid's (rFID of the reference protocol)."""
+    if kind not in ("uint8", "pytorch_fid"):
+        raise ValueError(f"inception_for_fid: kind must be 'uint8' or 'pytorch_fid', got {kind!r}")
     path = find_weights(INCEPTION, weights, url, download)
     if isinstance(path, Missing):
         return path
     try:
-        return InceptionFeatures(path)
+        return InceptionFeatures(path) if kind == "uint8" else PytorchFidInception(path)
     except RuntimeError as e:  # load_state_dict key/shape mismatch
         raise ValueError(f"{INCEPTION_SETTING}={path}: not a pt_inception-2015-12-05 state_dict ({e})") from e
 
 
-def inception_from_config(metrics_cfg) -> InceptionFeatures | Missing:
+def inception_from_config(metrics_cfg, kind: str = "uint8") -> InceptionFeatures | PytorchFidInception | Missing:
     """inception_for_fid with the `metrics:` config block's settings (weights, url, download)."""
     g = metrics_cfg.get
-    return inception_for_fid(g("inception_weights"), url=g("inception_url"), download=bool(g("download", True)))
+    return inception_for_fid(g("inception_weights"), url=g("inception_url"), download=bool(g("download", True)),
+                             kind=kind)
 
 
 def lpips_from_config(metrics_cfg, net: str = "vgg") -> "lpips.LPIPS | Missing":  # noqa: F821
-    """load_lpips (VGG trunk) with the `metrics:` config block's settings (weights, url, download)."""
-    g = metrics_cfg.get
-    return load_lpips(g("vgg16_weights"), net, url=g("vgg16_url"), download=bool(g("download", True)))
+    """load_lpips with the `metrics:` config block's settings for that trunk (weights, url, download)."""
+    g, spec = metrics_cfg.get, LPIPS_TRUNKS[net]
+    return load_lpips(g(spec.setting.split(".", 1)[1]), net, url=g(spec.url_setting.split(".", 1)[1]),
+                      download=bool(g("download", True)))

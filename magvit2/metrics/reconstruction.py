@@ -1,12 +1,15 @@
 """Tokenizer evaluation: PSNR, two SSIMs, LPIPS, rFID and codebook usage, accumulated over an eval pass.
 
-All on [0,1] images after clipping both inputs to [-1,1]; every value is a mean over images.
+All on [0,1] images after clipping both inputs to [-1,1]; every value is a mean over images. `protocol`
+(metrics/protocol.py) says how: under `reference` (the default, the original's arithmetic) PSNR and both SSIMs see
+the images truncated to uint8 levels, rFID's network is pytorch-fid's on the floats, and LPIPS-Alex is added when
+its model is given; under `precise` they see the floats and rFID's network gets rounded uint8.
 - 'psnr': torchmetrics PSNR, data_range 1, per image (dim=(1,2,3)), then averaged.
 - 'ssim': torchmetrics SSIM: Gaussian window 11x11, sigma 1.5, population covariance, data_range 1; torchmetrics
   1.9 averages the SSIM map over the whole image, its mirror-padded border included.
 - 'ssim_skimage': scikit-image's default SSIM (7x7 uniform window, sample covariance, border cropped, per channel,
   data_range 1), which is what the reference reports. The two differ: always say which one a table shows.
-- 'lpips': lpips package (VGG trunk unless another model is given), inputs in [-1,1].
+- 'lpips': lpips package (VGG trunk unless another model is given), inputs in [-1,1]; 'lpips_alex': AlexNet trunk.
 - 'rfid': Frechet distance of Inception pool features, originals ('real') vs reconstructions ('fake'). FID is biased
   upwards at small N (a 2048-d covariance needs thousands of images; the reference uses the 50k ImageNet val
   images), so 'n_images' is reported next to it: compare rFIDs only at equal N.
@@ -22,7 +25,8 @@ import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from .accumulators import CodeHistogram, Count, MeanOverImages
-from .inception import check_images, check_inception, make_fid, to_uint8, to_unit
+from . import protocol as P
+from .inception import check_images, check_inception, inception_input, make_fid, to_unit, uint8_levels
 from .missing import Missing, finite_or_missing
 from .ssim import ssim_uniform
 
@@ -40,10 +44,13 @@ def codebook_stats(counts: torch.Tensor) -> tuple[float, float]:
 class ReconstructionMetrics:
     """Accumulates over update() calls; device-agnostic; works without weights (LPIPS/rFID then Missing)."""
 
-    def __init__(self, codebook_size: int, lpips_model=None, inception=None, device="cpu"):
+    def __init__(self, codebook_size: int, lpips_model=None, inception=None, device="cpu", protocol=None,
+                 lpips_alex=None):
+        """lpips_alex: None leaves 'lpips_alex' out of the results; a model or a Missing reports it."""
         if not isinstance(codebook_size, int) or isinstance(codebook_size, bool) or codebook_size < 1:
             raise ValueError(f"codebook_size must be a positive int (2**K for LFQ), got {codebook_size!r}")
         self.codebook_size, self.device = codebook_size, torch.device(device)
+        self.protocol = P.get(protocol)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(self.device)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(self.device)
         self.ssim_skimage = MeanOverImages().to(self.device)
@@ -54,6 +61,9 @@ class ReconstructionMetrics:
             lpips_model = Missing("no LPIPS model given: set metrics.vgg16_weights=PATH (torchvision vgg16-397923af.pth)")
         self.lpips = lpips_model if isinstance(lpips_model, Missing) else lpips_model.to(self.device).eval()
         self.lpips_mean = MeanOverImages().to(self.device)
+        self.lpips_alex = lpips_alex if lpips_alex is None or isinstance(lpips_alex, Missing) else \
+            lpips_alex.to(self.device).eval()
+        self.lpips_alex_mean = MeanOverImages().to(self.device)
 
         self.inception = check_inception(inception, "ReconstructionMetrics")
         if not isinstance(self.inception, Missing):
@@ -76,19 +86,24 @@ class ReconstructionMetrics:
             raise ValueError(f"indices must lie in [0, codebook_size={self.codebook_size}), got [{lo}, {hi}]")
 
         real, fake = to_unit(x.to(self.device)), to_unit(x_rec.to(self.device))
-        self.psnr.update(fake, real)
-        self.ssim.update(fake, real)
-        self.ssim_skimage.update(ssim_uniform(fake, real))
+        pr, pf = (uint8_levels(real), uint8_levels(fake)) if self.protocol.pixels == "trunc" else (real, fake)
+        self.psnr.update(pf, pr)
+        self.ssim.update(pf, pr)
+        self.ssim_skimage.update(ssim_uniform(pf, pr))
         self.codes.update(indices.to(self.device))
         if not isinstance(self.lpips, Missing):
             self.lpips_mean.update(self.lpips(real * 2 - 1, fake * 2 - 1))
+        if self.lpips_alex is not None and not isinstance(self.lpips_alex, Missing):
+            self.lpips_alex_mean.update(self.lpips_alex(real * 2 - 1, fake * 2 - 1))
         if not isinstance(self.inception, Missing):
-            self.fid.update(self.inception(to_uint8(real)), real=True)
-            self.fid.update(self.inception(to_uint8(fake)), real=False)
+            mode = self.protocol.to_uint8
+            self.fid.update(self.inception(inception_input(self.inception, real, mode)), real=True)
+            self.fid.update(self.inception(inception_input(self.inception, fake, mode)), real=False)
         self.n_images.update(x.shape[0])
 
     def _metrics(self):
-        yield from (self.psnr, self.ssim, self.ssim_skimage, self.codes, self.n_images, self.lpips_mean)
+        yield from (self.psnr, self.ssim, self.ssim_skimage, self.codes, self.n_images, self.lpips_mean,
+                    self.lpips_alex_mean)
         if not isinstance(self.inception, Missing):
             yield self.fid
 
@@ -113,6 +128,9 @@ class ReconstructionMetrics:
             "n_images": float(n),
             "n_tokens": float(counts.sum()),
         }
+        if self.lpips_alex is not None:
+            out["lpips_alex"] = self.lpips_alex if isinstance(self.lpips_alex, Missing) else \
+                float(self.lpips_alex_mean.compute())
         if isinstance(self.inception, Missing):
             out["rfid"] = self.inception
         elif n < 2:
