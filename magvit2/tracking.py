@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-from magvit2.errors import ConfigError, TrackingError
+from magvit2.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
