@@ -93,3 +93,11 @@ def test_experiment_multirun_dry_run(venv):
     out = _sh([py, "-m", "magvit2.train", "-m", "+experiment=factorization", f"paths.root={cwd / 'out-m'}",
                "dry_run=true"], cwd=cwd, env=env).stdout
     assert "k2_4_6_6" in out and "k9_9" in out, out[-2000:]  # members from experiments/experiment/factorization.yaml
+
+
+def test_wheel_carries_license_and_typing_marker(venv):
+    py, env, cwd = venv
+    out = _sh([py, "-c", "import importlib.metadata as m, magvit2, pathlib; d = m.distribution('magvit2'); "
+               "print(d.metadata['License-Expression']); print(any(f.name == 'LICENSE' for f in d.files)); "
+               "print((pathlib.Path(magvit2.__file__).parent / 'py.typed').is_file())"], cwd=cwd, env=env).stdout
+    assert out.split() == ["Apache-2.0", "True", "True"], out
