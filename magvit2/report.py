@@ -72,10 +72,14 @@ def build(sweep: str | None, experiment: str | None, out: Path, tracking_uri: st
           notebook: Path = NOTEBOOK) -> Path:
     """Execute the notebook into `out`; returns the path of report.md. Raises LookupError if no runs match."""
     uri = store_uri(tracking_uri)  # before the heavy imports
-    import jupytext
-    import nbformat
-    import papermill
-    from nbconvert import HTMLExporter
+    try:  # the `report` extra: a training node installs magvit2 without it
+        import jupytext
+        import nbformat
+        import papermill
+        from nbconvert import HTMLExporter
+    except ImportError as e:
+        raise LookupError(f"the report needs the notebook stack ({e.name} is not installed): "
+                          f"pip install 'magvit2[report]'") from e
 
     from magvit2.results import load_runs
 
