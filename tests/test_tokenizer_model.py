@@ -339,3 +339,22 @@ def test_tiny_forward_backward_time_cpu():
     print(f"tiny tokenizer fwd+bwd, batch 16, 32x32, CPU threads={torch.get_num_threads()}: "
           f"best of 2 {min(times) * 1e3:.1f} ms ({n_params(tok)} params)")
     assert torch.isfinite(loss)
+
+
+def test_ema_update_is_bit_identical_to_a_per_tensor_lerp_loop():
+    from magvit2.quantizers import LFQ
+
+    torch.manual_seed(0)
+    model = Tokenizer(LFQ(bits=8), ch=8, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
+    ema = EMA(model, decay=0.9, warmup=True)
+    want = {n: t.clone() for n, t in ema.shadow.items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        d = ema.current_decay()
+        ema.update(model)
+        for n, p in model.named_parameters():  # the definition, one tensor at a time
+            want[n].lerp_(p.detach(), 1.0 - d)
+        for n in want:
+            assert torch.equal(ema.shadow[n], want[n]), (step, n)

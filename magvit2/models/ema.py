@@ -66,12 +66,16 @@ class EMA:
         params, buffers = self._match(model)
         d = self.current_decay()
         self.num_updates += 1
+        shadows, targets = [], []
         for n, p in params.items():
             s = self.shadow[n]
             if s.is_floating_point():
-                s.lerp_(p.detach().to(s.dtype), 1.0 - d)  # s + (1-d)(p - s) = d*s + (1-d)*p
+                shadows.append(s)
+                targets.append(p.detach().to(s.dtype))
             else:
                 s.copy_(p)
+        if shadows:  # one multi-tensor lerp (s + (1-d)(p - s)), bit-identical to a per-tensor lerp_ loop
+            torch._foreach_lerp_(shadows, targets, 1.0 - d)
         for n, b in buffers.items():
             if n in self.buffers:
                 self.buffers[n].copy_(b)
