@@ -33,8 +33,8 @@ from .sampling import check_sampling_args, guide, per_subtoken, sample
 def subtoken_loss(logits: list[Tensor], sub: Tensor, accuracy: bool = True) -> tuple[Tensor, dict]:
     """Sum over sub-tokens of the mean cross-entropy; loss_j and, with `accuracy`, acc_j (j from 1), detached. A
     function, so a training loop can apply it to the output of a DDP-wrapped model (whose forward syncs the
-    gradients). The accuracy's argmax over every logit (4096-way for k6_12's second sub-token) costs ~4% of a CPU
-    training step: loops ask for it on logging steps only."""
+    gradients). The accuracy is an argmax over every logit (4096-way for k6_12's second sub-token), a visible share
+    of a training step on CPU: loops ask for it on logging steps only."""
     total, logs = 0.0, {}
     for j, lg in enumerate(logits):
         target = sub[..., j]
