@@ -236,6 +236,15 @@ class FactorizedAR(nn.Module):
             x = blk(x, rope) if caches is None else blk(x, rope, caches[i], t)
         return x[:, -1]
 
+    def _intra_step(self, e: Tensor, j: int, caches: list[KVCache]) -> Tensor:
+        """Slot j of the intra sequence with the intra KV caches: e (N, dim) is h_t for j = 0, else E_j of the
+        sub-token just drawn -> normed (N, dim). One pass per sub-token instead of re-running slots 0..j."""
+        rope = self._rope(j, 1) if self.cfg.class_rope == "zero" else None
+        x = e[:, None]
+        for blk, cache in zip(self.intra, caches):
+            x = blk(x, rope, cache, j)
+        return self.norm(x)[:, 0]
+
     @torch.no_grad()
     def generate(self, labels: Tensor, cfg_scale: Sequence[float] | float = 1.0,
                  temperature: Sequence[float] | float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -270,6 +279,9 @@ class FactorizedAR(nn.Module):
         if use_cache is True:
             caches = [KVCache(N, self.cfg.n_heads, T, d // self.cfg.n_heads, device) for _ in self.inter]
         inter_step, intra = (self._compiled if static and self._compiled else (self._inter_step, self._intra))
+        # the dynamic path also caches the intra blocks' keys / values: M intra passes per position, not M(M+1)/2
+        intra_caches = [KVCache(N, self.cfg.n_heads, M, d // self.cfg.n_heads, device) for _ in self.intra] \
+            if use_cache is True else None
         positions = torch.arange(T, device=device)  # static: each step's pos is a view of it (no host copy)
         out = torch.zeros(B, T, M, dtype=torch.long, device=device)
         seq = self.class_emb(cls)[:, None]  # inter inputs so far (only kept whole without a cache)
@@ -282,7 +294,12 @@ class FactorizedAR(nn.Module):
                 chosen = torch.zeros(N, 0, dtype=torch.long, device=device)
                 hn = self.norm(h) if not self.intra else None
                 for j in range(M):
-                    x = hn if hn is not None else intra(h, chosen)[:, -1]
+                    if hn is not None:
+                        x = hn
+                    elif intra_caches is not None:
+                        x = self._intra_step(h if j == 0 else self.tok_emb[j - 1](chosen[:, -1]), j, intra_caches)
+                    else:
+                        x = intra(h, chosen)[:, -1]
                     logits = self.heads[j](x)
                     if use_cfg:
                         logits = guide(logits, scales[j])
