@@ -40,7 +40,7 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
         tracker.log_dict(C.to_dict(cfg), "config.yaml")  # same signature -> same config: rewriting is harmless
         tracker.set_tags(tags)
     except BaseException:  # a failed opening leaves no RUNNING MLflow run behind
-        tracker._abandon()
+        tracker.abandon()
         raise
     # from here on a dead server never holds the loop up: writes wait in the run dir's spool (metrics.jsonl)
     tracker.go_live(run.spool)
