@@ -37,6 +37,9 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_HOME})
 
 
-__all__ = ["TrackingError", "check_server", "tracking_uri", "get_experiment_id", "flatten", "ensure_sweep_run",
-           "finish_sweep_run", "end_if_running", "summarize_sweep_run", "tag_value", "run_tags", "check_id",
-           "missing", "MemberRun"]
+__all__ = ["TrackingError", *(n for names in _LAZY.values() for n in names),
+           "BEST_PREFIX", "CHECKPOINT", "EXPERIMENT_KIND", "FID_PROTOCOL", "GIT_SHA", "HOST", "KIND", "MAX_KEY",
+           "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MEMBERS", "MISSING_PREFIX", "MODEL_TRAINING", "N_MEMBERS", "N_RESUMES",
+           "NOTE", "OVERRIDES", "PARAMS_OVERFLOW", "PARENT_RUN_ID", "REFERENCE", "RUN_DIR", "RUN_STATE", "SAMPLES_NPZ",
+           "SEE_PARAMS", "SEE_TAGS", "SIGNATURE", "SLURM_JOB_ID", "STAGE", "SWEEP_ID", "TAGS_OVERFLOW", "TOKENIZER",
+           "WORLD_SIZE", "check_id", "flatten", "missing"]
