@@ -1,4 +1,5 @@
-"""Opening a stage's MLflow member run from its config and run dir (the config side of magvit2.tracking)."""
+"""Opening a stage's MLflow member run from its config and run dir: the runtime's caller of magvit2.tracking, which
+takes plain dicts and imports neither the config nor the runtime (hence this module stays here, not in the package)."""
 from __future__ import annotations
 
 import os
