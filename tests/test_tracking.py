@@ -243,7 +243,7 @@ def test_refusals_are_not_retried_but_outages_are():
     assert not transient(MlflowException(refused.format(401)))
     assert transient(MlflowException(refused.format(429)))
     assert transient(MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
-                                               "exception HTTPConnectionPool: Max retries exceeded (Connection refused)"))
+                                     "exception HTTPConnectionPool: Max retries exceeded (Connection refused)"))
 
 
 def test_check_server_names_what_to_change_for_a_dead_server():

@@ -37,7 +37,7 @@ CHECKPOINT, TOKENIZER, SAMPLES_NPZ, FID_PROTOCOL = (  # what a member produced o
     "magvit2.checkpoint", "magvit2.tokenizer", "magvit2.samples_npz", "magvit2.fid_protocol")
 RUN_STATE = "magvit2.state"  # set when a run ends other than MLflow's statuses say (diverged)
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: nests member runs under the sweep run in the UI
-NOTE = "mlflow.note.content"  # MLflow's own: the description of a run (a sweep run's: its axes and winner) or experiment
+NOTE = "mlflow.note.content"  # MLflow's own: the description of a run (a sweep run's: axes, winner) or experiment
 BEST_PREFIX = "magvit2.best."  # sweep run: the best member for the key metric (.member, .metric, .value, ...)
 REFERENCE = "magvit2.reference"  # "true" on an evaluation of released weights: reports show it as a reference row
 # experiments: the MLflow UI's own tag for which view opens (its bundled UI, not mlflow's Python code, defines it);
