@@ -32,11 +32,12 @@ class MlflowServer:
     """`with MlflowServer(tmp_dir) as srv: ... srv.url ...`; restart() keeps the same port and store."""
 
     def __init__(self, workdir: Path, port: int | None = None, start_timeout_s: float = 90.0,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", args: tuple[str, ...] = ()):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.host = host  # "0.0.0.0": reachable through the machine's host name too
+        self.args = tuple(args)  # more `mlflow server` options (--allowed-hosts ...)
         self.url = f"http://127.0.0.1:{self.port}"
         self.timeout = start_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -50,7 +51,7 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         cmd = [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{db}",
                "--default-artifact-root", str(self.dir / "artifacts"),
-               "--host", self.host, "--port", str(self.port), "--workers", "1"]
+               "--host", self.host, "--port", str(self.port), "--workers", "1", *self.args]
         t0 = time.monotonic()
         self.log = open(self.dir / "server.log", "ab")
         # start_new_session = setsid: the server and its workers share one process group we can kill at once.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 from mlflow_server import fresh_sqlite
 
 from magvit2 import tracking
@@ -140,9 +141,9 @@ def test_a_sweep_reports_members_an_earlier_sweep_finished(tmp_path, monkeypatch
     # a member list longer than MLflow keeps in a tag is stored whole in the run's tags overflow artifact
     long = [f"{i:016x}" for i in range(600)]
     third = tracking.ensure_sweep_run("magvit2-ar", str(root), "third", "ar", "seed=0..599", 600, members=long)
-    run = tracking.MlflowClient(uri).get_run(third)
+    run = MlflowClient(uri).get_run(third)
     assert run.data.tags[tracking.MEMBERS] == tracking.SEE_TAGS
-    assert tracking.tag_value(tracking.MlflowClient(uri), run, tracking.MEMBERS).split() == long
+    assert tracking.tag_value(MlflowClient(uri), run, tracking.MEMBERS).split() == long
 
 
 def test_history_and_plots(store, tmp_path):

@@ -104,7 +104,8 @@ def _assert_one_clear_line(p: subprocess.CompletedProcess, uri: str) -> str:
     assert len(errors) == 1, out[-3000:]
     line = errors[0]
     host = uri.split("//", 1)[1]
-    for needed in ("403", "MLFLOW_TRACKING_URI", "tracking.uri", "--allowed-hosts", host):
+    for needed in ("403", "MLFLOW_TRACKING_URI", "tracking.uri", "--allowed-hosts", host, "--cors-allowed-origins",
+                   f"'http://{host}'"):
         assert needed in line, (needed, line)
     return line
 
@@ -127,3 +128,38 @@ def test_sweep_against_refusing_server_submits_nothing(refusing_server, tmp_path
     line = _assert_one_clear_line(p, refusing_server)
     print(f"refused sweep ended after {took:.1f} s: {line}")
     assert "submitted job" not in p.stdout + p.stderr and not (tmp_path / "runs").exists()
+
+
+def test_the_servers_restart_hint_serves_its_client_and_its_ui(refusing_server, tmp_path):
+    """The flags check_server's 403 line tells to restart with make a server that takes the client's requests by host
+    name and the UI's opened at http://<host>:<port> (MLflow 3 also checks a browser's Origin: without
+    --cors-allowed-origins the UI's runs table gets 403 "Blocked cross-origin request")."""
+    import json
+    import shlex
+    import urllib.error
+
+    from magvit2.errors import TrackingError
+    from magvit2.tracking import check_server
+    with pytest.raises(TrackingError) as e:
+        check_server(refusing_server)
+    flags = re.search(r"restart it with (.*?) \(README", str(e.value)).group(1)
+    old, port = refusing_server.rsplit(":", 1)[1], free_port()  # the refusing server keeps its port
+    args = shlex.split(flags.replace(f":{old}", f":{port}"))
+    assert args[0] == "--allowed-hosts" and args[2] == "--cors-allowed-origins", args
+    with MlflowServer(tmp_path / "srv", port=port, host="0.0.0.0", args=args):
+        uri = f"http://{HOST}:{port}"
+        check_server(uri)
+        MlflowClient(uri).create_experiment("ui-check")
+
+        def search(origin: str) -> int:  # what the UI's runs table asks, as a browser sends it
+            req = urllib.request.Request(f"{uri}/ajax-api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": ["0"]}).encode(),
+                                         headers={"Content-Type": "application/json", "Origin": origin})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert search(uri) == 200
+        assert search("http://elsewhere.example:5000") == 403  # the origin check is on: the flag is what passes

@@ -35,7 +35,7 @@ def _member(i: int, url: str, root: str, sweep: str, steps: int, pause_s: float,
 def _run_members(url, root, sweep, n, steps, pause_s=0.0, env=None):
     """Start n member processes; returns (pool, async result). Close the pool with pool.close(); pool.join()."""
     ctx = mp.get_context("forkserver")  # children start clean (no inherited sockets/threads) but share imports
-    ctx.set_forkserver_preload(["magvit2.tracking"])
+    ctx.set_forkserver_preload(["magvit2.tracking.member"])
     pool = ctx.Pool(n)
     return pool, pool.starmap_async(_member, [(i, url, root, sweep, steps, pause_s, env or {}) for i in range(n)])
 
@@ -75,7 +75,7 @@ def test_eight_members_lose_no_metric(mlflow_server, tmp_path):
 @pytest.mark.slow
 def test_members_survive_a_server_restart(tmp_path):
     """The server goes down mid-sweep and comes back on the same port: members retry; nothing is lost.
-    MLflow's own HTTP retries are switched off, so it is tracking.py's retry/queue that has to bridge the gap."""
+    MLflow's own HTTP retries are switched off, so it is magvit2.tracking's retry/queue that has to bridge the gap."""
     n, steps = 4, 40
     with MlflowServer(tmp_path / "srv") as srv:
         sweep_run = ensure_sweep_run(EXP, str(tmp_path), "restart", "ar", "", n, uri=srv.url)

@@ -61,6 +61,61 @@ def test_experiment_created_once_with_absolute_artifacts(sqlite_root):
     assert exp.name == "magvit2-tokenizer"
     assert exp.artifact_location == f"file://{sqlite_root.resolve()}/mlartifacts/magvit2-tokenizer"
     assert [e.name for e in client.search_experiments()].count("magvit2-tokenizer") == 1
+    # the MLflow UI opens it in its model-training view (not GenAI's) and lists it with a description
+    assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    assert exp.tags[tracking.NOTE].startswith("magvit2 ")
+
+
+def test_experiments_made_before_the_kind_tag_get_it(sqlite_root):
+    """An experiment from an older magvit2 (no kind, no description) gets both; a description edited since stays."""
+    client = MlflowClient(tracking.tracking_uri(str(sqlite_root)))
+    old = client.create_experiment("magvit2-ar")
+    client.set_experiment_tag(old, tracking.NOTE, "my notes")
+    m = MemberRun(EXP, str(sqlite_root), "ar", "s", "n", {}, None)
+    m.end()
+    assert m.experiment_id == old
+    tags = client.get_experiment(old).tags
+    assert tags[tracking.EXPERIMENT_KIND] == "custom_model_development" and tags[tracking.NOTE] == "my notes"
+    sweep = ensure_sweep_run("magvit2-tokenizer", str(sqlite_root), "s1", "tokenizer", "", 1)
+    exp = client.get_experiment(client.get_run(sweep).info.experiment_id)
+    assert "tokenizer" in exp.tags[tracking.NOTE] and exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+
+
+def test_schema_matches_the_installed_mlflow():
+    """schema.py spells MLflow's limits and tag names without importing mlflow: they must be MLflow's."""
+    from mlflow.utils import mlflow_tags, validation
+
+    from magvit2.tracking import schema
+    assert (schema.MAX_PARAM_VALUE, schema.MAX_TAG_VALUE, schema.MAX_KEY) == (
+        validation.MAX_PARAM_VAL_LENGTH, validation.MAX_TAG_VAL_LENGTH, validation.MAX_ENTITY_KEY_LENGTH)
+    assert (schema.PARAMS_PER_BATCH, schema.METRICS_PER_BATCH) == (
+        validation.MAX_PARAMS_TAGS_PER_BATCH, validation.MAX_METRICS_PER_BATCH)
+    assert (schema.PARENT_RUN_ID, schema.NOTE) == (mlflow_tags.MLFLOW_PARENT_RUN_ID, mlflow_tags.MLFLOW_RUN_NOTE)
+    for key in ("model.dim", "train/loss", "a b:c-d_e", "bad@key", "a//b", "../x", "./x", "x" * 251):
+        ok = bool(validation.validate_param_and_metric_name(key)) and not validation.path_not_unique(key)
+        assert schema.valid_key(key) == (ok and len(key) <= validation.MAX_ENTITY_KEY_LENGTH), key
+    # the experiment kind is the UI's own tag (no Python constant in mlflow): its bundle must still read it
+    bundle = Path(validation.__file__).parents[1] / "server" / "js" / "build" / "static" / "js"
+    js = [p.read_text(errors="ignore") for p in bundle.glob("*.js")]
+    if not js:
+        pytest.skip("this mlflow has no bundled UI")
+    assert any(f'"{schema.EXPERIMENT_KIND}"' in t for t in js)
+    assert any(f'"{schema.MODEL_TRAINING}"' in t for t in js)
+
+
+def test_tag_names_do_not_import_mlflow():
+    """The sweep's plan and a dry run read tag names and flatten configs: `import magvit2.tracking` loads no mlflow
+    (nor torch) until a run, store or server is used."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from magvit2 import tracking; from magvit2.tracking import KIND, flatten, check_id; "
+            "tracking.flatten({'a': [1]}); tracking.missing('x'); "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torch')], 'heavy import'; "
+            "tracking.MemberRun; assert 'mlflow' in sys.modules")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def test_params_overflow_and_artifacts(sqlite_root, tmp_path):
@@ -182,12 +237,13 @@ def test_refusals_are_not_retried_but_outages_are():
     behind ~37 s of warnings. Connection failures and 5xx still are retried."""
     from mlflow.exceptions import MlflowException
 
+    from magvit2.tracking.store import transient
     refused = "API request to endpoint /api/2.0/mlflow/runs/create failed with error code {} != 200. Response body: 'x'"
-    assert not tracking._transient(MlflowException(refused.format(403)))
-    assert not tracking._transient(MlflowException(refused.format(401)))
-    assert tracking._transient(MlflowException(refused.format(429)))
-    assert tracking._transient(MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
-                                               "exception HTTPConnectionPool: Max retries exceeded (Connection refused)"))
+    assert not transient(MlflowException(refused.format(403)))
+    assert not transient(MlflowException(refused.format(401)))
+    assert transient(MlflowException(refused.format(429)))
+    assert transient(MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
+                                     "exception HTTPConnectionPool: Max retries exceeded (Connection refused)"))
 
 
 def test_check_server_names_what_to_change_for_a_dead_server():

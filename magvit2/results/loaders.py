@@ -89,7 +89,7 @@ def load_runs(sweep: str | None = None, experiment: str | None = None, tracking_
     if reference:
         flt += f" and tags.`{tracking.REFERENCE}` = 'true'"
     elif sweep is not None:
-        tracking._check_id("sweep", sweep)
+        tracking.check_id("sweep", sweep)
         flt += f" and tags.`{tracking.SWEEP_ID}` = '{sweep}'"
     runs = _search(client, ids, flt) if ids else []
     if sweep is not None and not reference and ids:

@@ -1,4 +1,5 @@
-"""Opening a stage's MLflow member run from its config and run dir (the config side of magvit2.tracking)."""
+"""Opening a stage's MLflow member run from its config and run dir: the runtime's caller of magvit2.tracking, which
+takes plain dicts and imports neither the config nor the runtime (hence this module stays here, not in the package)."""
 from __future__ import annotations
 
 import os
@@ -40,7 +41,7 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
         tracker.log_dict(C.to_dict(cfg), "config.yaml")  # same signature -> same config: rewriting is harmless
         tracker.set_tags(tags)
     except BaseException:  # a failed opening leaves no RUNNING MLflow run behind
-        tracker._abandon()
+        tracker.abandon()
         raise
     # from here on a dead server never holds the loop up: writes wait in the run dir's spool (metrics.jsonl)
     tracker.go_live(run.spool)
