@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from magvit2 import config as C
 from magvit2.runs import RunDir
+from magvit2.sampling_flags import apply_sampling_args
 
 log = logging.getLogger(__name__)
 _KINDS = "a finished run dir (outputs/runs/<stage>/<signature>), its checkpoint.pt, or a released Open-MAGVIT2 .ckpt"
@@ -130,7 +131,6 @@ def sampling_settings(src, a):
                                   f"--cfg-scale and --temperature")
             path = conf_dir() / "sampling" / "B.yaml"  # batch size and the rest; both scales come from the flags
         s = OmegaConf.load(path)
-    from magvit2.sample import apply_sampling_args
     s = apply_sampling_args(s, a)
     if a.batch_size is not None:
         s.batch_size = a.batch_size
