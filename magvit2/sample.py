@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from magvit2.errors import ConfigError
 from magvit2.sampling_flags import add_sampling_args, check_args
 
 
@@ -26,15 +27,15 @@ def main(argv=None) -> int:
                     "classes)")
     add_sampling_args(ap)
     ap.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: the run's "
-                    "sampling.batch_size); with --seed it fixes the draws")
-    ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
+                    "sampling.batch_size); the draws depend on it and on --seed")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <run_dir>/samples-<seed>, or "
+                    "<signature or file stem>-samples-<seed> beside a checkpoint file)")
     a = ap.parse_args(argv)
     bad = check_args(a)  # before any loading: a typo fails at once
     if bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
 
-    from magvit2 import config as C  # (also registers resolvers)
     from magvit2.evaluate.sources import load_ar_source, sampling_settings
     from magvit2.metrics import export_adm_npz
     from magvit2.metrics.grids import as_numpy_uint8
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         model, tokenizer, src = load_ar_source(a.run_dir)
         s = sampling_settings(src, a)
         sampler(s, device)  # the run's (or the flags') cache / compile: before sampling starts
-    except C.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.per_class is not None:
