@@ -4,6 +4,9 @@
   cycle from Python, not from the reader. The one exemption is an import marked with a trailing
   `# deferred: <why>` comment, which is allowed only where it really defers a heavy dependency (torch, mlflow, ...):
   the imported module must pull in one that the importing module does not already import at module level.
+  Importing a.b.c runs a/b/__init__.py first, so that counts as an import of a.b.
+- no import cycle among magvit2's subpackages and top-level modules either (runtime/ -> sweep/ -> runtime/ is one
+  even when no single module imports itself back): imports point one way.
 - models/ and quantizers/ (the research core) import nothing from hydra, mlflow, submitit or omegaconf.
 """
 from __future__ import annotations
