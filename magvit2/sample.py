@@ -13,25 +13,29 @@ from pathlib import Path
 
 import torch
 
-from magvit2.config import SAMPLER_CACHE, SAMPLER_COMPILE
+from magvit2.errors import ConfigError
+from magvit2.sampling_flags import add_sampling_args, check_args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m magvit2.sample", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, help="an AR run dir (outputs/runs/ar/<signature>), its checkpoint.pt or a "
                     "released Open-MAGVIT2 AR .ckpt")
-    ap.add_argument("--per-class", type=int, default=None)
-    ap.add_argument("--classes", type=int, nargs="*", default=None, help="default: all classes")
+    ap.add_argument("--per-class", type=int, default=None, help="samples per class (default: the run's "
+                    "sampling.per_class, 50 in conf/sampling/)")
+    ap.add_argument("--classes", type=int, nargs="*", default=None, help="class indices to sample (default: all "
+                    "classes)")
     add_sampling_args(ap)
-    ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None, help="default: <run_dir>/samples-<seed>")
+    ap.add_argument("--batch-size", type=int, default=None, help="samples drawn at once (default: the run's "
+                    "sampling.batch_size); the draws depend on it and on --seed")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <run_dir>/samples-<seed>, or "
+                    "<signature or file stem>-samples-<seed> beside a checkpoint file)")
     a = ap.parse_args(argv)
     bad = check_args(a)  # before any loading: a typo fails at once
     if bad:
         print(f"error: {bad}", file=sys.stderr)
         return 2
 
-    from magvit2 import config as C  # (also registers resolvers)
     from magvit2.evaluate.sources import load_ar_source, sampling_settings
     from magvit2.metrics import export_adm_npz
     from magvit2.metrics.grids import as_numpy_uint8
@@ -42,7 +46,7 @@ def main(argv=None) -> int:
         model, tokenizer, src = load_ar_source(a.run_dir)
         s = sampling_settings(src, a)
         sampler(s, device)  # the run's (or the flags') cache / compile: before sampling starts
-    except C.ConfigError as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.per_class is not None:
@@ -68,49 +72,6 @@ def main(argv=None) -> int:
     export_adm_npz(as_numpy_uint8(images), out / "samples.npz")
     print(f"{len(images)} samples (step {src.step}): {grid_path} and {out / 'samples.npz'}")
     return 0
-
-
-def add_sampling_args(ap) -> None:
-    """The flags that override a model's sampling settings (also `python -m magvit2.evaluate ar`'s)."""
-    ap.add_argument("--cfg-scale", type=float, nargs="*", default=None, help="one value, or one per sub-token")
-    ap.add_argument("--temperature", type=float, nargs="*", default=None)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--cache", default=None, choices=list(SAMPLER_CACHE), help="sampling.cache: the KV cache "
-                    "(speed only, the same draws): dynamic (growing, the default), static (preallocated), none")
-    ap.add_argument("--compile", default=None, choices=list(SAMPLER_COMPILE), help="sampling.compile: "
-                    "torch.compile the static-cache sampler (needs --cache static); cuda_graphs: CUDA only")
-
-
-def apply_sampling_args(s, a):
-    """The sampling config `s` with the flags of add_sampling_args that were given set in it."""
-    for key, val in (("top_k", a.top_k), ("top_p", a.top_p), ("seed", a.seed), ("cache", a.cache)):
-        if val is not None:
-            s[key] = val
-    if a.compile is not None:
-        s.compile = SAMPLER_COMPILE[a.compile]
-    if a.cfg_scale:
-        s.cfg_scale = a.cfg_scale if len(a.cfg_scale) > 1 else a.cfg_scale[0]
-    if a.temperature:
-        s.temperature = a.temperature if len(a.temperature) > 1 else a.temperature[0]
-    return s
-
-
-def check_args(a) -> str | None:
-    """The first bad argument's message, else None."""
-    import math
-    for flag, val in (("--per-class", a.per_class), ("--top-k", a.top_k), ("--batch-size", a.batch_size)):
-        if val is not None and val < 1:
-            return f"{flag} {val} must be >= 1" + (" (or leave it out: no top-k filter)" if flag == "--top-k" else "")
-    if a.top_p is not None and not 0.0 < a.top_p <= 1.0:  # NaN fails this too
-        return f"--top-p {a.top_p} must be in (0, 1] (or leave it out: no top-p filter)"
-    for flag, vals in (("--cfg-scale", a.cfg_scale), ("--temperature", a.temperature)):
-        if vals and not all(math.isfinite(v) for v in vals):
-            return f"{flag} {' '.join(map(str, vals))}: every value must be a finite number"
-    if a.temperature and min(a.temperature) <= 0:
-        return f"--temperature {' '.join(map(str, a.temperature))}: every value must be > 0"
-    return None
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from magvit2.quantizers import LFQ, VQ, QuantizerOutput, bits_to_indices, dense_entropy_terms, entropy_terms
-from magvit2.quantizers import indices_to_bits
+from magvit2.quantizers import LFQ, VQ, Quantizer, QuantizerOutput, bits_to_indices, dense_entropy_terms
+from magvit2.quantizers import entropy_terms, indices_to_bits
 from magvit2.quantizers.lfq import codebook_probs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +130,40 @@ def test_forward_straight_through_and_loss():
     assert torch.equal(g_st, torch.ones_like(z))  # straight-through: identity gradient
     (g_loss,) = torch.autograd.grad(out.loss, z)
     assert g_loss.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [lambda: LFQ(bits=6), lambda: VQ(codebook_size=64, dim=4),
+                                  lambda: VQ(codebook_size=64, dim=4, distance="euclidean", restart_dead=False)],
+                         ids=["lfq", "vq", "vq_plain"])
+def test_quantizers_satisfy_the_protocol(make):
+    """What base.Quantizer writes down, for each arm: dims, dtypes, the loss, the stats, indices_to_codes."""
+    q = make().train()
+    assert isinstance(q, Quantizer) and isinstance(q, torch.nn.Module)
+    assert isinstance(q.dim, int) and isinstance(q.codebook_size, int)
+    z = torch.randn(2, q.dim, 3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                    requires_grad=True)
+    out = q(z)
+    assert isinstance(out, QuantizerOutput)
+    assert out.codes.shape == z.shape and out.codes.dtype == z.dtype
+    assert out.indices.shape == (2, 3, 5) and out.indices.dtype == torch.int64
+    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < q.codebook_size
+    assert out.loss.ndim == 0 and out.loss.requires_grad
+    assert out.stats and all(v.ndim == 0 and not v.requires_grad for v in out.stats.values())
+    assert "commit" in out.stats and "unique_codes" in out.stats
+    codes = q.indices_to_codes(out.indices, torch.float64)
+    assert codes.dtype == torch.float64
+    torch.testing.assert_close(codes, out.codes.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=rf"\(B, {q.dim}, H, W\)"):
+        q(torch.randn(1, q.dim + 1, 2, 2))
+    with pytest.raises(ValueError, match=rf"\[0, {q.codebook_size}\)"):
+        q.indices_to_codes(torch.full((1, 2, 2), q.codebook_size))
+
+
+def test_the_protocol_refuses_what_lacks_its_members():
+    assert not isinstance(torch.nn.Conv2d(4, 4, 1), Quantizer)  # forward, but no dim / codebook_size / indices_to_codes
+    lfq = LFQ(bits=4)
+    del lfq.codebook_size
+    assert not isinstance(lfq, Quantizer)
 
 
 def test_entropy_weight_zero_keeps_stats_without_graph():

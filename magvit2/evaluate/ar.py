@@ -16,7 +16,7 @@ from magvit2.config import subtoken_values
 from magvit2.errors import ConfigError
 from magvit2.evaluate import common, shards
 from magvit2.evaluate.sources import load_ar_source, sampling_settings
-from magvit2.sample import add_sampling_args, check_args
+from magvit2.sampling_flags import add_sampling_args, check_args
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .base import QuantizerOutput
+from .base import QuantizerOutput, _distributed
 
 MAX_BITS = 30  # the codebook entropy holds 2^K floats (4 GiB at K = 30)
 
@@ -122,10 +122,6 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def codebook_probs(z_flat: Tensor, tau: float = 0.01) -> Tensor:

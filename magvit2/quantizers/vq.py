@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .base import QuantizerOutput
+from .base import QuantizerOutput, _distributed
 
 
 def _default_chunks(device: torch.device) -> tuple[int, int]:
@@ -50,10 +50,6 @@ def nearest_code(z: Tensor, codebook: Tensor, chunk: int | None = None, token_ch
             best[rows] = val[rows]
         out[t0 : t0 + token_chunk] = best_idx
     return out
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class VQ(nn.Module):

@@ -24,7 +24,6 @@ DEC_LEVEL = re.compile(r"^decoder\.levels\.(\d+)\.(norm\.scale|norm\.shift|block
 DEC_PARTS = {"norm.scale": "adaptive.{i}.gamma", "norm.shift": "adaptive.{i}.beta", "blocks": "up.{i}.block",
              "up.conv": "up.{i}.upsample.conv1"}
 EMA_PREFIX = "model_ema."
-EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 DISC_PREFIX = "loss.discriminator."
 LPIPS_PREFIX = "loss.perceptual_loss."  # the original's LPIPS copy: magvit2 reads LPIPS from metrics.vgg16_weights
 
