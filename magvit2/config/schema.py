@@ -27,6 +27,11 @@ def _flag(true: str, false: str) -> Choice:
     return Choice({True: true, False: false})
 
 
+# trainer.<stage>.compile: a flag or a torch.compile backend (torch._dynamo.list_backends(), and its debug ones)
+_COMPILE = {False: "eager PyTorch, the default", True: "torch.compile with inductor", "inductor": "the same",
+            "aot_eager": "graph capture without code generation, to debug", "eager": "dynamo only, to debug",
+            "cudagraphs": "CUDA graphs", "openxla": "XLA", "tvm": "TVM"}
+
 CHOICES: dict[str, Choice] = {
     "stage": Choice({"ar": "train the generator, and the tokenizer it needs first", "tokenizer": "the tokenizer only"}),
     "dry_run": _flag("list what would run, train nothing", "run"),
@@ -59,6 +64,8 @@ CHOICES: dict[str, Choice] = {
     # schedules
     "trainer.tokenizer.precision": Choice({"no": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16, scaled"}),
     "trainer.ar.precision": Choice({"no": "fp32", "bf16": "bfloat16 autocast", "fp16": "float16, scaled"}),
+    "trainer.tokenizer.compile": Choice(_COMPILE),
+    "trainer.ar.compile": Choice(_COMPILE),
     "trainer.tokenizer.fused_adam": _flag("the fused CUDA Adam kernel, the same update", "the plain kernel"),
     "trainer.ar.fused_adam": _flag("the fused CUDA Adam kernel, the same update", "the plain kernel"),
     "trainer.ar.weight_decay_on": Choice({"all": "the original's: every parameter group",
