@@ -2,7 +2,7 @@
 
 Before anything is launched it composes and validates every member (one bad member stops the sweep with a message
 naming it), derives each member's signature and run dir, and skips members that already finished, so re-running
-a sweep trains only what is missing. It records the sweep (members.json under paths.root/sweeps/<id>) and opens one
+a sweep trains only what is missing. It records the sweep (sweep.json under paths.root/sweeps/<id>) and opens one
 MLflow parent run; every member gets `sweep.id` / `sweep.parent_run_id` appended to its overrides.
 """
 from __future__ import annotations
