@@ -11,5 +11,5 @@ from magvit2.config.migrate import load, migrate
 from magvit2.config.schema import CHOICES, STAGES, check_choices
 from magvit2.config.validate import (SAMPLER_CACHE, SAMPLER_COMPILE, sampler_settings, subtoken_values,
                                      tokens_settings, validate)
-from magvit2.data.identity import absolute_data_path, data_identity, data_path
+from magvit2.data.identity import absolute_data_path
 from magvit2.errors import ConfigError
