@@ -1,8 +1,8 @@
 """The one place where config meets constructors: quantizers, tokenizer, discriminator, AR model, data sets.
 
 To change what a setting does, read its group in conf/ and the one function here that hands it to a constructor.
-The `.get(key, default)` reads keep configs written before a setting existed (a run dir's config.yaml) building
-the model that run trained; a new setting gets such a default too.
+Every setting is read directly: a run dir's config.yaml written before a setting existed is read through
+config.load, whose migration (magvit2/config/migrate.py) fills in the value that run trained with.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import Dataset
 
+from magvit2.config import to_dict, tokens_settings
 from magvit2.errors import ConfigError
 from magvit2.data.images import ImageFolder, PhotoCrops
 from magvit2.data.tokens import TokenShards, variants
@@ -21,16 +22,14 @@ from magvit2.models.tokenizer import Tokenizer
 
 
 def build_quantizer(cfg) -> nn.Module:
-    """LFQ or VQ from `quantizer._target_` (conf/quantizer/*.yaml)."""
-    return instantiate(cfg.quantizer)
+    """LFQ or VQ from `quantizer._target_` (conf/quantizer/*.yaml); its `name` labels runs, no constructor takes it."""
+    return instantiate({k: v for k, v in to_dict(cfg.quantizer).items() if k != "name"})
 
 
 def build_tokenizer(cfg) -> Tokenizer:
     t = cfg.tokenizer
     return Tokenizer(build_quantizer(cfg), ch=t.ch, ch_mult=tuple(t.ch_mult), num_res_blocks=t.num_res_blocks,
-                     resolution=t.resolution,  # configs from before these settings: population variance, bias 1
-                     adagn_variance=t.get("adagn_variance", "population"),
-                     adagn_scale_init=t.get("adagn_scale_init", "one"))
+                     resolution=t.resolution, adagn_variance=t.adagn_variance, adagn_scale_init=t.adagn_scale_init)
 
 
 def build_discriminator(cfg) -> tuple[PatchDiscriminator, LeCAM]:
@@ -45,9 +44,7 @@ def build_ar_config(cfg, grid: int) -> ARConfig:
     return ARConfig(bits=tuple(cfg.factorization.bits), dim=m.dim, n_inter=m.n_inter, n_intra=m.n_intra,
                     n_heads=m.n_heads, num_classes=m.num_classes, grid=grid, class_dropout=m.class_dropout,
                     embed_dropout=m.embed_dropout, resid_dropout=m.resid_dropout, ffn_dropout=m.ffn_dropout,
-                    # run dirs written before these settings existed were trained with identity / intra dropout
-                    class_rope=m.get("class_rope", "identity"),
-                    intra_embed_dropout=m.get("intra_embed_dropout", True))
+                    class_rope=m.class_rope, intra_embed_dropout=m.intra_embed_dropout)
 
 
 def build_ar(cfg, grid: int) -> FactorizedAR:
@@ -59,14 +56,12 @@ def build_dataset(data_cfg, split: str, seed: int = 0) -> Dataset:
     if data_cfg.name == "photos":
         size = data_cfg.train_size if split == "train" else data_cfg.val_size
         return PhotoCrops(list(data_cfg.photos), data_cfg.resolution, data_cfg.scale, size, split, seed,
-                          data_cfg.get("crops", "per_epoch"))
+                          data_cfg.crops)
     if data_cfg.name == "imagefolder":
         if data_cfg.path is None:
             raise ConfigError("data=imagefolder needs a folder: set path=/your/images (or data.path=...)")
         return ImageFolder(data_cfg.path, data_cfg.resolution, split, data_cfg.val_fraction,
-                           data_cfg.get("val_size"), seed, data_cfg.get("crops", "per_epoch"),
-                           data_cfg.get("resize", "bicubic"),  # configs from before the setting: bicubic
-                           data_cfg.get("on_bad_image", "error"))
+                           data_cfg.val_size, seed, data_cfg.crops, data_cfg.resize, data_cfg.on_bad_image)
     raise ConfigError(f"data={data_cfg.name}: unknown data set; use data=photos or data=imagefolder")
 
 
@@ -74,5 +69,5 @@ def build_token_dataset(cfg, folder: Path, split: str) -> TokenShards:
     """Extracted token grids (magvit2/data/tokens.py): train holds the tokens.crops x flips variants per image,
     drawn per (seed, epoch, image); val one center-crop grid per image."""
     if split == "train":
-        return TokenShards(folder, "train", variants(cfg), cfg.seed)
+        return TokenShards(folder, "train", variants(tokens_settings(cfg)), cfg.seed)
     return TokenShards(folder, split)

@@ -14,9 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from magvit2 import checkpoint, released
+from magvit2.config import load as load_config
 from magvit2.errors import ConfigError
 from magvit2.runs import RunDir
 
@@ -42,7 +41,7 @@ def ar_reference(ckpt: dict, run_dir: Path) -> dict:
     cfg_file = RunDir(run_dir).config
     if not cfg_file.is_file():
         raise ConfigError(f"{run_dir}: no config.yaml beside the checkpoint, so its tokenizer is unknown; {FIX}")
-    cfg = OmegaConf.load(cfg_file)
+    cfg = load_config(cfg_file)  # in today's schema (config/migrate.py)
     tokenizer, _, _ = load_tokenizer(cfg)
     ar_cfg = build_ar_config(cfg, tokenizer.token_grid)
     return released.export_ar(ckpt["model"], ar_cfg, tokenizer.state_dict(), len(tokenizer.decoder.levels))

@@ -86,6 +86,7 @@ def test_configs_from_before_a_setting_build_what_they_trained():
             del cfg.tokenizer[key]
         for key in ("crops",):
             del cfg.data[key]
+    cfg = C.migrate(cfg)  # what config.load does to a stored config.yaml
     ar = B.build_ar_config(cfg, 4)
     assert (ar.class_rope, ar.intra_embed_dropout) == ("identity", True)
     tok = B.build_tokenizer(cfg)

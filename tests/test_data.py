@@ -19,6 +19,7 @@ from magvit2.data.images import ImageFolder, PhotoCrops
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.quantizers import split_indices
 from magvit2.build import build_dataset, build_tokenizer
+from magvit2.stages.ar import extract_tokens, token_cache, train_input
 
 PHOTOS = ["astronaut", "coffee"]
 
@@ -79,12 +80,12 @@ def test_online_tokens_equal_a_cached_extraction_of_the_same_crops(tmp_path):
     online, cached = cfg_of(tmp_path), cfg_of(tmp_path, "tokens=cached", "tokens.crops=2", "tokens.flips=false")
     assert online.tokens.name == "online"
     tok = tokenizer_of(online)
-    shards = T.TokenShards(T.extract(cached, tok, "tok", OneProcess()), "train", 2)
+    shards = T.TokenShards(extract_tokens(cached, tok, "tok", OneProcess()), "train", 2)
     assert shards.tokens.shape == (8, 2, 4, 4)
     assert not torch.equal(shards.tokens[:, 0], shards.tokens[:, 1])  # the two crops give other tokens
-    folder = T.extract(online, tok, "tok", OneProcess())
+    folder = extract_tokens(online, tok, "tok", OneProcess())
     assert not list(folder.glob("train-*")) and list(folder.glob("val-*"))  # online: val tokens only
-    ds, to_tokens = T.train_input(online, tok, folder, "cpu")
+    ds, to_tokens = train_input(online, tok, folder, "cpu")
     sampler = GlobalBatchSampler(len(ds), 4, seed=0)
     batches = iter(DataLoader(ds, batch_sampler=sampler))
     bits = list(online.factorization.bits)
@@ -99,9 +100,9 @@ def test_online_tokens_equal_a_cached_extraction_of_the_same_crops(tmp_path):
 def test_cached_crops_and_flips_draw_a_variant_per_epoch(tmp_path):
     cfg = cfg_of(tmp_path, "tokens=cached", "tokens.crops=2", "tokens.flips=true")
     tok = tokenizer_of(cfg)
-    folder = T.extract(cfg, tok, "tok", OneProcess())
+    folder = extract_tokens(cfg, tok, "tok", OneProcess())
     assert json.loads((folder / "done.json").read_text())["counts"] == {"train": 8 * 4, "val": 20}
-    ds, to_tokens = T.train_input(cfg, tok, folder, "cpu")
+    ds, to_tokens = train_input(cfg, tok, folder, "cpu")
     assert ds.tokens.shape == (8, 4, 4, 4) and len(ds) == 8
     img = build_dataset(cfg.data, "train", cfg.seed)
     x0, x1 = img[(0, 5)][0][None], img[(1, 5)][0][None]
@@ -119,13 +120,13 @@ def test_tokens_and_crops_settings_enter_signatures_and_cache_keys(tmp_path):
     ar = {C.ar_signature(c) for c in (online, cached, cfg_of(tmp_path, "tokens=cached", "tokens.crops=1"),
                                       cfg_of(tmp_path, "tokens=cached", "tokens.flips=false"))}
     assert len(ar) == 4
-    keys = {T.cache_dir(c, "tok") for c in (online, cached, cfg_of(tmp_path, "tokens=cached", "tokens.crops=1"),
+    keys = {token_cache(c, "tok") for c in (online, cached, cfg_of(tmp_path, "tokens=cached", "tokens.crops=1"),
                                             cfg_of(tmp_path, "tokens=cached", "tokens.flips=false"))}
     assert len(keys) == 4
     fixed = cfg_of(tmp_path, "data.crops=fixed")
     assert online.data.crops == "per_epoch" and C.tokenizer_signature(fixed) != C.tokenizer_signature(online)
     assert C.ar_signature(fixed) != C.ar_signature(online)
     with pytest.raises(ConfigError, match="identical crops"):
-        T.tokens_cfg(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached"))
-    assert T.tokens_cfg(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached", "tokens.crops=1",
+        C.tokens_settings(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached"))
+    assert C.tokens_settings(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached", "tokens.crops=1",
                                "tokens.flips=false")) == {"name": "cached", "crops": 1, "flips": False}

@@ -15,7 +15,8 @@ import magvit2.train  # noqa: F401  (resolvers, sweeper/launcher config nodes)
 from conftest import REPO, run_train
 from magvit2 import config as C
 from magvit2.errors import ConfigError
-from magvit2.data import tokens as T
+from magvit2.data import identity as D
+from magvit2.stages.ar import token_cache
 
 
 def cfg_of(*overrides: str):
@@ -30,9 +31,9 @@ def _images(folder: Path, n: int, value: int = 0, size=(24, 20)) -> None:
 
 
 def _sigs(*overrides: str) -> tuple[str, str]:
-    getattr(C, "_FINGERPRINTS", {}).clear()  # as in a new process (the scan is cached per process)
+    D._FINGERPRINTS.clear()  # as in a new process (the scan is cached per process)
     cfg = cfg_of("data=imagefolder", "stage=ar", *overrides)
-    return C.signature(cfg), str(T.cache_dir(cfg, "tok"))
+    return C.signature(cfg), str(token_cache(cfg, "tok"))
 
 
 # ------------------------------------------------------------------------------ item 1: data identity

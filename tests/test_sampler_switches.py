@@ -50,7 +50,7 @@ def test_speed_settings_leave_signatures_alone():
         del old.sampling.cache, old.sampling.compile, old.trainer.ar.activation_checkpointing
     assert C.ar_signature(old) == C.ar_signature(base)
     # only these two keys leave the sampling entry; every other sampling key still makes its own run
-    assert set(C.to_dict(base.sampling)) - set(C._strip(C.to_dict(base.sampling))) == {"cache", "compile"}
+    assert set(C.to_dict(base.sampling)) - set(C.identity._strip(C.to_dict(base.sampling))) == {"cache", "compile"}
     for name in ("B", "L", "XL", "tiny", "stand_XL"):  # conf/sampling and experiments/sampling
         s = cfg_of(f"model={name}").sampling
         assert (s.cache, s.compile) == ("dynamic", False), name

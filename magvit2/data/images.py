@@ -18,9 +18,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
+from magvit2.data.identity import IMG_EXT
 from magvit2.errors import ConfigError
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 log = logging.getLogger("magvit2")
 
 

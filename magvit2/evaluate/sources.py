@@ -46,7 +46,7 @@ def _run(p: Path, stage: str, flag: str) -> tuple[RunDir, Path, object] | None:
     ckpt = p if p.is_file() else rd.checkpoint
     if not ckpt.is_file():
         raise ConfigError(f"{flag} {p}: the run has no checkpoint.pt (never trained, or deleted): train it first")
-    cfg = OmegaConf.load(rd.config)
+    cfg = C.load(rd.config)  # in today's schema (config/migrate.py)
     if cfg.get("stage") != stage:
         kind = "an AR" if stage == "ar" else "a tokenizer"
         raise ConfigError(f"{flag} {p}: a run of stage {cfg.get('stage')}; give {kind} run "

@@ -9,11 +9,12 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from magvit2 import config as C
 from magvit2 import tracking
 from magvit2.data import tokens as T
 from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
-from magvit2.build import build_ar, build_token_dataset
+from magvit2.build import build_ar, build_dataset, build_token_dataset
 from magvit2.models.ar import subtoken_loss
 from magvit2.runtime.context import RunContext
 from magvit2.stages.generate import evaluate_generation, sampler
@@ -49,6 +50,30 @@ def param_groups(model, weight_decay: float, decay_on: str = "all"):
     raise ValueError(f"trainer.ar.weight_decay_on={decay_on!r}: use all (the original's) or matrices")
 
 
+def token_cache(cfg, tokenizer_id: str):
+    """This config's token cache folder (magvit2/data/tokens.py) under paths.cache."""
+    return T.cache_dir(cfg.paths.cache, C.token_cache_key(cfg, tokenizer_id))
+
+
+def extract_tokens(cfg, tokenizer, tokenizer_id: str, acc):
+    """The token cache, extracted once: val tokens in both modes, the train variants with tokens=cached."""
+    out = token_cache(cfg, tokenizer_id)
+    if not T.extracted(out):
+        tokens = C.tokens_settings(cfg)
+        splits = ("train", "val") if T.variants(tokens) else ("val",)
+        images = {s: build_dataset(cfg.data, s, cfg.seed) for s in splits}
+        T.extract(out, images, tokens, tokenizer, tokenizer_id, acc, cfg.data.num_workers)
+    return out
+
+
+def train_input(cfg, tokenizer, folder, device):
+    """-> (train data set for GlobalBatchSampler, fn: a loader batch's first item -> token grids on device):
+    tokens=cached reads the extracted variants, tokens=online encodes each step's train crops."""
+    if T.variants(C.tokens_settings(cfg)):
+        return build_token_dataset(cfg, folder, "train"), lambda tok: tok.to(device)
+    return build_dataset(cfg.data, "train", cfg.seed), lambda x: T.encode(tokenizer, x.to(device))
+
+
 def train_ar(cfg) -> dict:
     # the device check of the sampler settings, before the AR stage works (the device make_accelerator will pick)
     sampler(cfg.sampling, "cuda" if torch.cuda.is_available() else "cpu")
@@ -69,11 +94,12 @@ def train_ar(cfg) -> dict:
 
 def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict:
     t, acc = ctx.t, ctx.acc
-    shards = T.extract(cfg, tokenizer, tok_id, acc)  # tokens=online: val tokens only
-    train_ds, to_tokens = T.train_input(cfg, tokenizer, shards, acc.device)
+    shards = extract_tokens(cfg, tokenizer, tok_id, acc)  # tokens=online: val tokens only
+    train_ds, to_tokens = train_input(cfg, tokenizer, shards, acc.device)
     val_ds = build_token_dataset(cfg, shards, "val")
     grid = val_ds.tokens.shape[-1]
-    mode = T.tokens_cfg(cfg)["name"]
+    tokens = C.tokens_settings(cfg)
+    mode = tokens["name"]
     bits = list(cfg.factorization.bits)
     ckpt = ctx.open()
     model = build_ar(cfg, grid)
@@ -91,7 +117,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
                         "derived.params": sum(p.numel() for p in model.parameters()),
                         "derived.codebook_size": 2 ** sum(bits), "derived.grid": grid,
                         "derived.tokenizer": tok_info.get("source", ""), "derived.tokens": mode,
-                        "derived.train_tokens": len(train_ds) * max(1, T.variants(cfg))})
+                        "derived.train_tokens": len(train_ds) * max(1, T.variants(tokens))})
         if ctx.is_main:
             ctx.tracker.set_tags({tracking.TOKENIZER: tok_info.get("source", "")})
         init = init_weights(cfg, model)
