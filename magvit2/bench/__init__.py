@@ -21,7 +21,8 @@ from . import ar_sample, ar_train, data, lfq, loop, tokenizer
 from .common import DTYPES, hardware, matmul_peak, mmap_large_blocks, peak_memory_method
 
 MODES = {"lfq": lfq, "tokenizer": tokenizer, "ar-train": ar_train, "ar-sample": ar_sample, "data": data, "loop": loop}
-EXTRA = ("speedup", "memory_ratio", "rel_diff_values", "rel_diff_grad", "rel_diff_loss", "identical_to_plain",
+EXTRA = ("speedup", "vs_kv_cache", "rounds", "memory_ratio", "rel_diff_values", "rel_diff_grad", "rel_diff_loss",
+         "identical_to_plain",
          "overhead", "max_k", "per_worker", "prob_sum_error", "per_step_at_ckpt_every", "bytes", "saved_bytes", "note")
 
 

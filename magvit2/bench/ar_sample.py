@@ -3,12 +3,14 @@ cache vs the static preallocated cache (fixed shapes), compiled, and CUDA-graphe
 compared with the plain loop's for the same seed; images/s (tokens/s) at several batch sizes."""
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from magvit2.models.ar import FactorizedAR
 
 from .ar_train import config
-from .common import compile_unavailable, row, timeit
+from .common import compile_unavailable, interleaved, paired_ratio, row
 
 CFG_SCALE = (1.9, 2.0)  # conf/sampling/B.yaml
 
@@ -30,31 +32,36 @@ def run(device, dtype, quick: bool, size=None, compile_on=True, smoke=False, **_
     for h in model.heads:  # zero heads (the init) would sample uniformly whatever the model computes
         torch.nn.init.normal_(h.weight, 0.0, 0.02)
     batches = [2] if smoke else [4, 16] if quick else ([8, 32] if device.type == "cpu" else [16, 64, 256, 512])
+    rounds = 1 if smoke else 2 if quick else 5
     amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-    rows, reference = [], {}
-    for name, use_cache, skip in variants(device, compile_on):
-        if skip:
-            rows.append(row(f"{size} CFG", name, note=f"skipped: {skip}"))
-            continue
+    rows = []
+    todo = [(n, c) for n, c, skip in variants(device, compile_on) if not skip]
+    rows += [row(f"{size} CFG", n, note=f"skipped: {skip}") for n, _, skip in variants(device, compile_on) if skip]
+    # one sampler object per variant (the compiled ones keep their graphs), timed interleaved round by round
+    samplers = {}
+    for name, use_cache in todo:
+        m = FactorizedAR(cfg).to(device).eval()
+        m.load_state_dict(model.state_dict())
         if "compile" in name or "CUDA" in name:
-            model.compile_sampling(cuda_graphs="CUDA" in name)
-        for b in batches:
-            labels = torch.arange(b, device=device) % cfg.num_classes
+            m.compile_sampling(cuda_graphs="CUDA" in name)
+        samplers[name] = (m, use_cache)
+    for b in batches:
+        labels = torch.arange(b, device=device) % cfg.num_classes
 
-            def go():
-                with torch.autocast(**amp):
-                    return model.generate(labels, cfg_scale=CFG_SCALE, use_cache=use_cache,
-                                          generator=torch.Generator(device).manual_seed(0))
-            out = go()  # warmup (compilation, graph capture) and the tokens to compare
-            if name == "plain loop":
-                reference[b] = out
-            t = timeit(go, device, warmup=0, reps=1 if quick else 2)
+        def go(m, use_cache):
+            with torch.autocast(**amp):
+                return m.generate(labels, cfg_scale=CFG_SCALE, use_cache=use_cache,
+                                  generator=torch.Generator(device).manual_seed(0))
+        outs = {name: go(*s) for name, s in samplers.items()}  # warmup (compilation, capture) and the tokens
+        times = interleaved({name: (lambda s=s: go(*s)) for name, s in samplers.items()}, device, rounds)
+        plain, cached = times.get("plain loop"), times.get("KV cache")
+        for name, ts in times.items():
+            t = statistics.median(ts)
             rows.append(row(f"{size} CFG batch {b}", name, time_s=t, throughput=b / t, unit="img/s",
-                            tokens_per_s=b * cfg.seq_len / t,
-                            identical_to_plain=bool(torch.equal(out, reference[b])) if b in reference else None))
-        model._compiled = model._graph_caches = None
-    plain = {r["case"]: r["time_s"] for r in rows if r["variant"] == "plain loop"}
-    for r in rows:
-        if r.get("time_s") and r["case"] in plain:
-            r["speedup"] = plain[r["case"]] / r["time_s"]
-    return {"rows": rows, "summary": {"seq_len": cfg.seq_len, "cfg_scale": CFG_SCALE, "batches": batches}}
+                            tokens_per_s=b * cfg.seq_len / t, rounds=len(ts),
+                            speedup=paired_ratio(plain, ts) if plain else None,
+                            vs_kv_cache=paired_ratio(cached, ts) if cached else None,
+                            identical_to_plain=bool(torch.equal(outs[name], outs["plain loop"]))
+                            if "plain loop" in outs else None))
+    return {"rows": rows, "summary": {"seq_len": cfg.seq_len, "cfg_scale": CFG_SCALE, "batches": batches,
+                                      "timing": f"interleaved, {rounds} rounds; ratios: median of paired rounds"}}

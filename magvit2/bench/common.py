@@ -39,6 +39,26 @@ def timeit(fn, device: torch.device, warmup: int = 1, reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, device: torch.device, rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed in rounds A B C, A B C, ... in one process, so a change of load on a
+    shared machine hits every contender alike (timing one after the other credited the static cache with a gain
+    it does not have). Warm the fns up before (compilation)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base_time / other_time (> 1: `other` is faster)."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
 _MMAP_SET = False
 
 

@@ -13,3 +13,8 @@ from magvit2.config.validate import (SAMPLER_CACHE, SAMPLER_COMPILE, sampler_set
                                      tokens_settings, validate)
 from magvit2.data.identity import absolute_data_path
 from magvit2.errors import ConfigError
+
+__all__ = ["CHOICES", "ConfigError", "SAMPLER_CACHE", "SAMPLER_COMPILE", "STAGES", "absolute_data_path", "ar_signature",
+           "check_choices", "choices", "load", "member_name", "migrate", "run_dir", "sampler_settings", "signature",
+           "subtoken_values", "to_dict", "token_cache_key", "tokenizer_config", "tokenizer_seed", "tokenizer_signature",
+           "tokenizer_source", "tokens_settings", "validate"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from magvit2 import config as C
 from magvit2.errors import ConfigError
 from magvit2.runs import RunDir
 from magvit2.sampling_flags import apply_sampling_args
