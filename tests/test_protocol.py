@@ -111,3 +111,8 @@ def test_reference_reports_lpips_alex_as_lpips_computes_it(tmp_path):
 def test_unknown_protocol_names_the_setting():
     with pytest.raises(ValueError, match=r"metrics.protocol='orig'.*reference, precise"):
         ReconstructionMetrics(4, protocol="orig")
+
+
+def test_the_config_offers_exactly_the_protocols():
+    from magvit2.config import CHOICES
+    assert set(CHOICES["metrics.protocol"].values) == set(P.PROTOCOLS) and P.DEFAULT == "reference"

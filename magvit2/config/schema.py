@@ -81,6 +81,10 @@ CHOICES: dict[str, Choice] = {
     "metrics.precision_recall": _flag("the in-loop evaluation also gives precision / recall, keeping every image's "
                                       "Inception features", "the default"),
     "metrics.download": _flag("download missing metric weights", "never download: offline clusters"),
+    "metrics.protocol": Choice({"reference": "the original's evaluation arithmetic (uint8-truncated PSNR / SSIM, "
+                                             "pytorch-fid's rFID input, LPIPS Alex + VGG), the default",
+                                "precise": "the floats, torch-fidelity's uint8 rFID input, rounding "
+                                           "(metrics/protocol.py)"}, "--protocol"),
 }
 
 _ABSENT = object()
