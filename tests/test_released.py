@@ -248,3 +248,19 @@ def test_a_released_tokenizer_renamed_to_pt_still_loads_as_one(tmp_path):
     assert info["reference"] and ident.endswith(":reference:raw")
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_non_finite_or_integer_weights_are_refused_by_name(tmp_path):
+    sd, _ = reference_file(tmp_path / "t.ckpt")
+    key = "decoder.conv_out.bias"
+    files.write(tmp_path / "nan.ckpt", {**sd, key: torch.full_like(sd[key], float("nan"))})
+    with pytest.raises(ConfigError, match=rf"tokens.tokenizer=x: .*nan.ckpt: tensor '{key}' has 3 non-finite"):
+        released.into_tokenizer(tmp_path / "nan.ckpt", tokenizer(), "tokens.tokenizer=x")
+    files.write(tmp_path / "int.ckpt", {**sd, key: sd[key].round().to(torch.int64)})  # never cast to float
+    with pytest.raises(ConfigError, match=rf"1 tensors of another dtype kind.*{key}: file torch.int64 vs model "
+                                          r"torch.float32"):
+        released.into_tokenizer(tmp_path / "int.ckpt", tokenizer(), "tokens.tokenizer=x")
+    files.write(tmp_path / "missing.ckpt", {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(ConfigError, match=r"missing from the file.*magvit2.convert RUN --to reference") as e:
+        released.into_tokenizer(tmp_path / "missing.ckpt", tokenizer(), "tokens.tokenizer=x")
+    assert "use a tokenizer config with those values" not in str(e.value)  # the shapes fit: not an architecture fix

@@ -64,7 +64,7 @@ def take_ar(c, model) -> dict:
     check_layout(model.cfg)
     out = {}
     for k, t in model.state_dict().items():
-        got = c.take(reference_name(k), t.shape)
+        got = c.take(reference_name(k), t)
         if got is not None:
             out[k] = got
     c.ignore([k for k in c.sd if KV_CACHE.search(k)], "inference KV caches")

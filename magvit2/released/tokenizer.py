@@ -117,7 +117,7 @@ def take_tokenizer(c, model, prefix: str = "", disc=None) -> dict:
         for dst, key in ((raw, prefix + ref), (ema, prefix + ema_name(ref))):
             if dst is None:
                 continue
-            t = c.take(key, ours[k].shape)
+            t = c.take(key, ours[k])
             if t is not None:
                 dst[k] = d2s_from_reference(t) if perm else t
     decay = None
@@ -131,7 +131,7 @@ def take_tokenizer(c, model, prefix: str = "", disc=None) -> dict:
     loaded_disc = False
     if disc is not None and disc_keys:
         dsd = disc.state_dict()
-        got = {k: c.take(prefix + DISC_PREFIX + k, t.shape) for k, t in dsd.items()}
+        got = {k: c.take(prefix + DISC_PREFIX + k, t) for k, t in dsd.items()}
         if all(v is not None for v in got.values()):  # else c.finish() reports what is missing
             disc.load_state_dict(got)
             loaded_disc = True
