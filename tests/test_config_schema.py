@@ -154,3 +154,19 @@ def test_the_migration_fills_old_values_and_keeps_todays(tmp_path):
     assert m.quantizer.name == "vq_plain"
     now = cfg_of(tmp_path)
     assert C.migrate(now.copy()) == now  # nothing to fill in today's config
+
+
+def test_debug_quick_shortens_any_run_and_gets_its_own_signature(tmp_path):
+    plain, quick = cfg_of(tmp_path), cfg_of(tmp_path, "debug=quick")
+    assert (quick.trainer.tokenizer.steps, quick.trainer.ar.steps) == (6, 6)
+    assert (quick.data.val_size, quick.sampling.per_class, quick.tracking.log_every) == (8, 1, 1)
+    assert plain.trainer.ar.steps == 200 and C.signature(quick) != C.signature(plain)
+
+
+@pytest.mark.slow  # the embedded default, cut by debug=quick: both stages, evaluation, samples (~1 min)
+def test_debug_quick_runs_the_embedded_default(tmp_path):
+    p = run_train(tmp_path, "debug=quick", tiny=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    statuses = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/*/status.json")]
+    assert sorted(s["state"] for s in statuses) == ["finished", "finished"]
+    assert {s["step"] for s in statuses} == {6}
