@@ -43,6 +43,11 @@ def test_train_help_names_stages_groups_commands_and_outputs(tmp_path):
     for cmd in ("python -m magvit2.train -m factorization=k6_12,k9_9 model=B,L,XL dry_run=true",
                 "python -m magvit2.sweep status <sweep id>", "python -m magvit2.report --sweep <sweep id>"):
         assert cmd in out
+    ablations = out.split("== Ready ablations")[1].split("== Where results go ==")[0]
+    for f in (REPO / "experiments" / "experiment").glob("*.yaml"):  # every experiment is listed, with a line
+        assert re.search(rf"^\s+{f.stem}\s+\S", ablations, re.M), f.stem
+    for name in ("scale=tiny", "scale=full", "stand_B", "stand_L", "stand_XL", "debug=quick"):
+        assert name in ablations, name
     assert "<paths.root>/runs/<stage>/<signature>" in out and "$MLFLOW_TRACKING_URI" in out
     assert "default ./outputs (or $MAGVIT2_ROOT)" in out
     assert not list(tmp_path.iterdir())  # --help writes nothing
