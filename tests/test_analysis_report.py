@@ -164,8 +164,7 @@ def test_history_and_plots(store, tmp_path):
     # a metric no run logged: no figure, no file (the report says so in its text)
     assert plot_scaling(df, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
     assert plot_curves(h, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
-    assert missing_note(df, "eval/fid") == (f"FID (in-loop: samples vs val images): no run logged it "
-                                            f"({MISSING_REASON}), so no plot.")
+    assert missing_note(df, "eval/fid") == f"FID (in-loop): no run logged it ({MISSING_REASON}), so no plot."
 
 
 def test_members_of_one_model_size_sit_together_in_the_scaling_plot():
