@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from magvit2 import config as C
+from magvit2.errors import ConfigError
 from magvit2.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Source:
 def _existing(source, flag: str) -> Path:
     p = Path(source).expanduser()
     if not p.exists():
-        raise C.ConfigError(f"{flag} {source}: no such file or folder; give {_KINDS}")
+        raise ConfigError(f"{flag} {source}: no such file or folder; give {_KINDS}")
     return p.resolve()
 
 
@@ -40,15 +41,15 @@ def _run(p: Path, stage: str, flag: str) -> tuple[RunDir, Path, object] | None:
     rd = RunDir(p if p.is_dir() else p.parent)
     if not rd.config.exists():
         if p.is_dir():
-            raise C.ConfigError(f"{flag} {p}: not a run dir (no config.yaml); give {_KINDS}")
+            raise ConfigError(f"{flag} {p}: not a run dir (no config.yaml); give {_KINDS}")
         return None
     ckpt = p if p.is_file() else rd.checkpoint
     if not ckpt.is_file():
-        raise C.ConfigError(f"{flag} {p}: the run has no checkpoint.pt (never trained, or deleted): train it first")
+        raise ConfigError(f"{flag} {p}: the run has no checkpoint.pt (never trained, or deleted): train it first")
     cfg = OmegaConf.load(rd.config)
     if cfg.get("stage") != stage:
         kind = "an AR" if stage == "ar" else "a tokenizer"
-        raise C.ConfigError(f"{flag} {p}: a run of stage {cfg.get('stage')}; give {kind} run "
+        raise ConfigError(f"{flag} {p}: a run of stage {cfg.get('stage')}; give {kind} run "
                             f"(outputs/runs/{stage}/<signature>)")
     if not rd.finished():
         log.warning(f"{rd.path} has not finished (state {rd.read_status()['state']}): evaluating its last checkpoint")
@@ -58,7 +59,7 @@ def _run(p: Path, stage: str, flag: str) -> tuple[RunDir, Path, object] | None:
 def load_tokenizer_source(source, weights: str, flag: str = "SOURCE") -> tuple[object, Source]:
     """-> (tokenizer in eval mode, Source). weights: ema (the tokenizer stage's evaluation weights) or raw."""
     if weights not in ("ema", "raw"):
-        raise C.ConfigError(f"--weights {weights!r}: use ema (the original's evaluation weights) or raw")
+        raise ConfigError(f"--weights {weights!r}: use ema (the original's evaluation weights) or raw")
     p = _existing(source, flag)
     found = _run(p, "tokenizer", flag)
     if found is None:
@@ -84,7 +85,7 @@ def load_ar_source(source, tokenizer=None, tokenizer_weights: str | None = None)
         model, tok, info = released.load_ar(p)
         src = Source(p, p.stem, True, info=dict(info))
         if tok is not None and tokenizer is None and tokenizer_weights is not None:
-            raise C.ConfigError(f"--tokenizer-weights {tokenizer_weights}: {p} carries its own tokenizer; give "
+            raise ConfigError(f"--tokenizer-weights {tokenizer_weights}: {p} carries its own tokenizer; give "
                                 f"--tokenizer too to decode with other weights")
     else:
         rd, ckpt_path, cfg = found
@@ -97,7 +98,7 @@ def load_ar_source(source, tokenizer=None, tokenizer_weights: str | None = None)
         cfg.tokens.weights = weights
         tok = load_tokenizer(cfg)[0]
     if tok is None:
-        raise C.ConfigError(f"SOURCE {p} carries no tokenizer: give one with --tokenizer (a tokenizer run dir, its "
+        raise ConfigError(f"SOURCE {p} carries no tokenizer: give one with --tokenizer (a tokenizer run dir, its "
                             f"checkpoint.pt or a released tokenizer .ckpt)")
     if model is None:
         from magvit2.build import build_ar
@@ -106,11 +107,11 @@ def load_ar_source(source, tokenizer=None, tokenizer_weights: str | None = None)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise C.ConfigError(f"SOURCE {p}: its weights do not fit a model for this tokenizer's "
+            raise ConfigError(f"SOURCE {p}: its weights do not fit a model for this tokenizer's "
                                 f"{tok.token_grid}x{tok.token_grid} tokens ({str(e).splitlines()[0]})") from e
         src.step = ckpt.get("step")
     if tok.quantizer.codebook_size != 2 ** sum(model.cfg.bits):
-        raise C.ConfigError(f"the tokenizer has {tok.quantizer.codebook_size} codes but the AR model's sub-tokens "
+        raise ConfigError(f"the tokenizer has {tok.quantizer.codebook_size} codes but the AR model's sub-tokens "
                             f"cover 2^{sum(model.cfg.bits)}: give the tokenizer the model was trained with")
     src.info.setdefault("tokenizer_weights", weights)
     return model.eval().requires_grad_(False), tok.eval().requires_grad_(False), src
@@ -126,7 +127,7 @@ def sampling_settings(src, a):
         path = conf_dir() / "sampling" / f"{size}.yaml"
         if size is None or not path.is_file():
             if not (a.cfg_scale and a.temperature):
-                raise C.ConfigError(f"SOURCE {src.path}: model size {size!r} has no conf/sampling/<size>.yaml: give "
+                raise ConfigError(f"SOURCE {src.path}: model size {size!r} has no conf/sampling/<size>.yaml: give "
                                   f"--cfg-scale and --temperature")
             path = conf_dir() / "sampling" / "B.yaml"  # batch size and the rest; both scales come from the flags
         s = OmegaConf.load(path)
