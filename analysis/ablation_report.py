@@ -46,8 +46,9 @@ df[["run_name", "stage", "status", "factorization", "model", "run_id"]]
 # ## Tables
 # A dash is a metric that was not logged; the numbered list under a table gives the reason recorded with the run.
 # The best value of each metric column is in bold (lower is better for FID, rFID, LPIPS and losses; higher for PSNR,
-# SSIM, IS, utilization, precision and recall). Each metric comes with its N (images, tokens, samples): compare FIDs
-# only at equal N.
+# SSIM, IS, utilization, precision and recall; a per-sub-token loss only among rows of one factorization, as its
+# vocabulary differs between them). Each metric comes with its N (images, tokens, samples): compare FIDs only at
+# equal N. Labels, units and directions: magvit2/metrics/registry.py.
 # "SSIM" is scikit-image's 7x7 uniform-window SSIM (the reference's); "SSIM (Gaussian 11x11)" is torchmetrics'.
 # "FID (in-loop)" is the training run's samples against the validation images, not the paper's gFID (50,000
 # samples, 50 per class, vs the ADM ImageNet-256 reference batch); precision and recall, where the runs were asked

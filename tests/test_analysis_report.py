@@ -165,8 +165,7 @@ def test_history_and_plots(store, tmp_path):
     # a metric no run logged: no figure, no file (the report says so in its text)
     assert plot_scaling(df, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
     assert plot_curves(h, "eval/nothing", tmp_path / "n.png") is None and not (tmp_path / "n.png").exists()
-    assert missing_note(df, "eval/fid") == (f"FID (in-loop: samples vs val images): no run logged it "
-                                            f"({MISSING_REASON}), so no plot.")
+    assert missing_note(df, "eval/fid") == f"FID (in-loop): no run logged it ({MISSING_REASON}), so no plot."
 
 
 def test_members_of_one_model_size_sit_together_in_the_scaling_plot():
@@ -191,9 +190,10 @@ def test_ar_table_markdown(store):
     assert list(t.columns) == AR_HEADER[2:] + ["missing"]
     assert t.loc[("k9_9", "B"), "missing"] == f"FID (in-loop): {MISSING_REASON}"
     md = to_markdown(t)
-    # status, steps, seed; the best of each metric in bold (lowest FID and losses, highest IS); no N or count is
-    assert "| k9_9 | B | finished | 40 | 7 | — (1) | 70.12 | 50,000 | — | 7 | 64 | 3.5 | **3.5** | 343,600,000 |" in md
-    assert "| k6_12 | B | finished | 40 | 7 | **12.25** | **80.5** | 50,000 | 50,000 | **6.25** | 64 | **2** | 4.25 |" in md
+    # status, steps, seed; the best of each metric in bold (lowest FID and loss, highest IS); no N or count is, nor
+    # a per-sub-token loss across factorizations (k6_12's sub-token 1 has 6 bits, k9_9's 9)
+    assert "| k9_9 | B | finished | 40 | 7 | — (1) | 70.12 | 50,000 | — | 7 | 64 | 3.5 | 3.5 | 343,600,000 |" in md
+    assert "| k6_12 | B | finished | 40 | 7 | **12.25** | **80.5** | 50,000 | 50,000 | **6.25** | 64 | 2 | 4.25 |" in md
     assert "| k6_12 | tiny | finished | 40 | 7 | 41.5 | 20.25 | 8 | 20 | 7.5 |" in md
     assert f"Missing values:\n\n1. FID (in-loop) of k9_9/B: {MISSING_REASON}" in md and "[^" not in md
 
@@ -302,13 +302,13 @@ def test_summary_shows_each_metric_with_its_n_and_the_reference_ssim():
     res = {"run_dir": "/r/ar/sig", "val/loss": 7.5, "eval/fid": 55.5, "eval/is": 3.25, "eval/n_samples": 80.0,
            "eval/n_real": 20.0, "tokenizer": tok}
     lines = [" ".join(l.split()) for l in format_summary("ar", res, "sqlite:///x.db").splitlines()]
-    for want in ("PSNR 24.50 (N = 64 images)", "SSIM 0.750 (N = 64 images)",
-                 "SSIM (Gaussian 11x11) 0.500 (N = 64 images)", "codebook utilization 25.00% (N = 16,384 tokens)",
-                 "code perplexity 900 (N = 16,384 tokens)", "FID (in-loop) 55.50 (N = 80 samples vs 20 val images)",
-                 "IS 3.25 (N = 80 samples)"):
+    for want in ("PSNR (dB) 24.50 (N = 64 images)", "SSIM 0.750 (N = 64 images)",
+                 "SSIM (Gaussian 11x11) 0.500 (N = 64 images)", "utilization (%) 25.00 (N = 16,384 tokens)",
+                 "perplexity 900 (N = 16,384 tokens)", "FID (in-loop) 55.50 (N = 80 samples vs 20 val images)",
+                 "IS 3.25 (N = 80 samples)", "val loss (nats) 7.500 (N = ? images)"):
         assert want in lines, (want, lines)
     old = [" ".join(l.split()) for l in format_summary("tokenizer", {"eval/psnr": 20.0}, "x").splitlines()]
-    assert "PSNR 20.00 (N = ? images)" in old  # a run from before N was logged says so
+    assert "PSNR (dB) 20.00 (N = ? images)" in old  # a run from before N was logged says so
 
 
 def test_one_factorization_has_one_colour_in_every_plot():

@@ -70,8 +70,9 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
                  "6", "--workers", "0", "--inception-weights", inception, "--no-download", "--root",
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "SSIM (scikit-image 7x7 uniform: the reference's)" in out and "384 tokens" in out and "6 images" in out
-    assert "LPIPS (VGG) missing: " in out and "--vgg16-weights" in out  # no weights: reported, never a number
+    assert "SSIM: scikit-image's 7x7 uniform window: the reference's" in out  # the report's labels, and what they are
+    assert "384 tokens" in out and "6 images" in out and "utilization (%)" in out
+    assert "LPIPS missing: " in out and "--vgg16-weights" in out  # no weights: reported, never a number
     (res_path,) = (tmp_path / "evaluate" / "tokenizer").glob("*/results.json")
     res = json.loads(res_path.read_text())
     m = res["metrics"]
@@ -212,7 +213,7 @@ def test_fid_and_is_against_a_reference_batch(runs, one_process, inception, tmp_
                  "--precision-recall"]) == 0
     out_text = capsys.readouterr().out
     assert "0 drawn already" not in out_text and "20 samples vs 20 reference" in out_text
-    assert "recall (k = 3)" in out_text
+    assert "recall: k = 3 nearest neighbours" in out_text
     res = json.loads((out / "results.json").read_text())
     m = res["metrics"]
     assert abs(m["eval/fid"]) < 1e-2 and np.isfinite(m["eval/is"]) and m["eval/n_real"] == 20

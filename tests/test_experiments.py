@@ -81,7 +81,7 @@ def test_factorization_two_seeds_aggregate_with_spread_and_report_cli(root):
     rep = (root / "rep" / "report.md").read_text()
     assert "### Experiment factorization" in rep
     # the experiment asks for precision / recall: without Inception weights the report says why there is no plot
-    assert "precision (k = 3, in-loop): no run logged it (no Inception" in rep
+    assert "precision: no run logged it (no Inception" in rep
 
 
 def test_lfq_vs_vq(root):

@@ -119,7 +119,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
     prev = read_json(out / "results.json")
     if prev and {k: prev["settings"].get(k) for k in key} == key:  # another rank (or an earlier run) got here first
         print(f"already evaluated: {out / 'results.json'}")
-        common.print_table(_rows({**prev["metrics"], **{k: M.Missing(r) for k, r in prev["missing"].items()}}))
+        common.print_table({**prev["metrics"], **{k: M.Missing(r) for k, r in prev["missing"].items()}}, ROWS)
         return prev
     npz = out / "samples.npz"
     inception = M.inception_for_fid(a.inception_weights, download=not a.no_download)
@@ -148,14 +148,11 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
                                    f"vs {key['reference'] or 'no reference'} (magvit2.evaluate ar)"}
     print(f"AR {src.name} ({'released' if src.reference else 'run'}): {n} samples -> {npz}")
     params = {**key, "batch_size": a.batch_size, "model_size": src.info.get("model_size")}
-    return common.finish(a, "ar", src, out, params, metrics, tags, [grid], _rows(metrics))
+    return common.finish(a, "ar", src, out, params, metrics, tags, [grid], ROWS)
 
 
-def _rows(m: dict) -> list:
-    ns, nr = f"{int(m['eval/n_samples'])} samples", m["eval/n_real"]
-    vs = f"{ns} vs {int(nr)} reference" if not isinstance(nr, M.Missing) and nr else ns
-    return [("FID", m["eval/fid"], vs), ("IS", m["eval/is"], ns), ("IS std (10 splits)", m["eval/is_std"], ns)] + \
-        [(f"{k} (k = 3)", m[f"eval/{k}"], vs) for k in ("precision", "recall") if f"eval/{k}" in m]
+# its printout, in this order, where present (labels, formats and N: magvit2.metrics.registry)
+ROWS = ("eval/fid", "eval/is", "eval/is_std", "eval/precision", "eval/recall")
 
 
 def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:

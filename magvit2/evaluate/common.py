@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from magvit2.metrics import Missing
+from magvit2.metrics import registry
+from magvit2.metrics.missing import Missing
 
 EXPERIMENT = "magvit2-evaluate"
 
@@ -55,17 +56,23 @@ _FLAGS = {"metrics.inception_weights": "--inception-weights", "metrics.vgg16_wei
           "metrics.download=false": "--no-download"}  # the reasons name the config settings these flags set
 
 
-def print_table(rows: list[tuple[str, object, str]]) -> None:
-    """rows: (metric, value or Missing, N); why a metric is missing goes below the table."""
+def print_table(metrics: dict, keys: tuple[str, ...]) -> None:
+    """The `keys` of `metrics` (value or Missing) with their N, as magvit2.metrics.registry names and formats them;
+    under the table what a label alone does not say, and why a metric is missing."""
     from tabulate import tabulate
-    fmt = [(name, "missing" if isinstance(v, Missing) else f"{v:.4f}", n) for name, v, n in rows]
-    print(tabulate(fmt, headers=("metric", "value", "N"), tablefmt="simple"))
-    for name, v, _ in rows:
+    rows = [(registry.get(k, evaluate=True), metrics[k]) for k in keys if k in metrics]
+    print(tabulate([(r.label, "missing" if isinstance(v, Missing) else r.number(v),
+                     registry.n_text(r.key, metrics, evaluate=True)) for r, v in rows],
+                   headers=("metric", "value", "N"), tablefmt="simple", disable_numparse=True))
+    for r, v in rows:
+        if r.note:
+            print(f"{r.label}: {r.note}")
+    for r, v in rows:
         if isinstance(v, Missing):
             why = v.reason
             for setting, flag in _FLAGS.items():
                 why = why.replace(setting, flag)
-            print(f"{name} missing: {why}")
+            print(f"{r.label} missing: {why}")
 
 
 def log_run(a, stage: str, src, params: dict, metrics: dict, tags: dict, artifacts: list[Path]) -> str:
@@ -85,14 +92,14 @@ def log_run(a, stage: str, src, params: dict, metrics: dict, tags: dict, artifac
 
 
 def finish(a, stage: str, src, out: Path, params: dict, metrics: dict, tags: dict, artifacts: list[Path],
-           rows: list[tuple[str, object, str]]) -> dict:
-    """results.json in `out`, the MLflow run, the table; -> the results."""
+           shown: tuple[str, ...]) -> dict:
+    """results.json in `out`, the MLflow run, the table of the `shown` keys; -> the results."""
     from magvit2.runs import atomic_write_text
     vals, missing = split_missing(metrics)
     run_id = log_run(a, stage, src, params, metrics, tags, artifacts)
     res = {"source": str(src.path), "reference": src.reference, "settings": params, "metrics": vals,
            "missing": missing, "mlflow_run_id": run_id}
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str))
-    print_table(rows)
+    print_table(metrics, shown)
     print(f"results: {out / 'results.json'} (MLflow run {run_id}, experiment {a.experiment})")
     return res

@@ -64,28 +64,20 @@ def _evaluate(a, ds, rank: int, world: int, how: str) -> dict:
     if world > 1:
         print(f"rank {rank} of {world} ({how}): {len(mine)} of {len(ds)} images")
     loader = DataLoader(mine, batch_size=a.batch_size or 32, num_workers=a.workers)
-    first = None
-    for x in tqdm(loader, desc="reconstructing" + (f" (rank {rank})" if world > 1 else ""), unit="batch",
-                  mininterval=1.0):
-        x = x.to(device)
-        x_rec, q = tok(x)
-        x_rec = x_rec.float().clamp(-1, 1)
-        rm.update(x, x_rec, q.indices)
-        if first is None:
-            first = (x[:8].cpu(), x_rec[:8].cpu())
-    m = rm.compute()  # every rank: torchmetrics sums the states over the process group
+    bar = tqdm(loader, desc="reconstructing" + (f" (rank {rank})" if world > 1 else ""), unit="batch",
+               mininterval=1.0)
+    m, first = M.reconstruct(tok, bar, rm)  # every rank: torchmetrics sums the states over the process group
     if rank != 0:
         return {}
     out.mkdir(parents=True, exist_ok=True)
     from magvit2.metrics.grids import save_grid
     grid = save_grid(first, out / "recon_grid.png", labels=("original", "reconstruction"))
-    n, nt = f"{int(m['n_images'])} images", f"{int(m['n_tokens'])} tokens"
-    pct = lambda v: v if isinstance(v, M.Missing) else 100 * v  # noqa: E731
-    rows = [("rFID", m["rfid"], n), ("PSNR (dB)", m["psnr"], n),
-            ("SSIM (scikit-image 7x7 uniform: the reference's)", m["ssim_skimage"], n),
-            ("SSIM (Gaussian 11x11)", m["ssim"], n), ("LPIPS (VGG)", m["lpips"], n),
-            ("codebook utilization (%)", pct(m["utilization"]), nt), ("perplexity", m["perplexity"], nt)]
     metrics = {f"eval/{k}": v for k, v in m.items()}
     print(f"tokenizer {src.name} ({'released' if src.reference else 'run'}, {a.weights} weights) on {len(ds)} "
           f"images of {a.data} at {a.resolution}px: {params['tokens']} tokens")
-    return common.finish(a, "tokenizer", src, out, params, metrics, {}, [grid], rows)
+    return common.finish(a, "tokenizer", src, out, params, metrics, {}, [grid], ROWS)
+
+
+# its printout, in this order (labels, formats and N: magvit2.metrics.registry)
+ROWS = ("eval/rfid", "eval/psnr", "eval/ssim_skimage", "eval/ssim", "eval/lpips", "eval/utilization",
+        "eval/perplexity")

@@ -19,6 +19,7 @@ its model is given; under `precise` they see the floats and rFID's network gets 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -138,3 +139,21 @@ class ReconstructionMetrics:
         else:
             out["rfid"] = finite_or_missing(float(self.fid.compute()), "rFID")
         return out
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, batches, rm: ReconstructionMetrics, autocast=contextlib.nullcontext) -> tuple[dict, tuple]:
+    """The tokenizer evaluation loop of training and of `python -m magvit2.evaluate tokenizer`: every batch (images,
+    or (images, labels)) through `tokenizer` (in the mode and weights the caller set) into `rm`. -> (rm.compute(),
+    the first batch's first 8 (originals, reconstructions) on the CPU, for a grid; None without batches). Every rank
+    must call it: compute() sums the states over the process group."""
+    first = None
+    for x in batches:
+        x = (x[0] if isinstance(x, (list, tuple)) else x).to(rm.device)
+        with autocast():
+            x_rec, q = tokenizer(x)
+        x_rec = x_rec.float().clamp(-1, 1)
+        rm.update(x, x_rec, q.indices)
+        if first is None:
+            first = (x[:8].cpu(), x_rec[:8].cpu())
+    return rm.compute(), first

@@ -9,26 +9,29 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from magvit2.metrics import registry
+
 from magvit2.results.plots import _finish
 from magvit2.results.stats import aggregate
 from magvit2.results.tables import ar_table, seeds_markdown, tokenizer_table
 
-COST = ["device-hours", "wall (s)", "images/s", "tokens/s", "sampling images/s", "model GFLOP/step", "MFU (%)",
-        "peak GPU mem (GiB)", "peak RSS (GiB, CPU)"]
-AR_KEYS = ["val loss (nats)", "FID (in-loop)", "IS"]
-GEN = ["FID (in-loop)", "IS", "precision", "recall"]  # precision / recall where the runs logged them
-# experiment -> (stage of its members, its metric columns (N columns are kept with them), the key metrics compared)
+# what a run cost, where logged (their labels: magvit2.metrics.registry)
+COST = [r.key for r in registry.ROWS if r.key.startswith("compute/") and r.table]
+AR_KEYS = ["val/loss", "eval/fid", "eval/is"]
+GEN = ["eval/fid", "eval/is", "eval/precision", "eval/recall"]  # precision / recall where the runs logged them
+# experiment -> (stage of its members, its metric keys (N columns are kept with them), the key metrics compared)
 EXPERIMENTS = {
-    "lfq_vs_vq": ("tokenizer", ["utilization (%)", "perplexity", "N tokens", "PSNR (dB)", "SSIM", "LPIPS", "rFID",
-                                "N img"], ["utilization (%)", "PSNR (dB)", "rFID"]),
-    "factorization": ("ar", ["val loss (nats)", "val loss *", "N val loss img", *GEN, "N samples", "N val img"],
+    "lfq_vs_vq": ("tokenizer", ["eval/utilization", "eval/perplexity", "eval/n_tokens", "eval/psnr", "eval/ssim_skimage",
+                                "eval/lpips", "eval/rfid", "eval/n_images"],
+                  ["eval/utilization", "eval/psnr", "eval/rfid"]),
+    "factorization": ("ar", ["val/loss", "val/loss_{k}", "val/n_images", *GEN, "eval/n_samples", "eval/n_real"],
                       AR_KEYS),
-    "intra_vs_heads": ("ar", ["params (incl. head)", "val loss (nats)", "val loss *", "N val loss img", *GEN,
-                              "N samples"], AR_KEYS),
-    "scaling": ("ar", ["params (incl. head)", "val loss (nats)", "N val loss img", *GEN, "N samples"], AR_KEYS),
-    "recipe": ("ar", ["val loss (nats)", "N val loss img", *GEN, "N samples"], AR_KEYS),
-    "cross_dataset": ("tokenizer", ["PSNR (dB)", "SSIM", "LPIPS", "rFID", "N img", "utilization (%)", "N tokens"],
-                      ["PSNR (dB)", "rFID"]),
+    "intra_vs_heads": ("ar", ["derived.params", "val/loss", "val/loss_{k}", "val/n_images", *GEN, "eval/n_samples"],
+                       AR_KEYS),
+    "scaling": ("ar", ["derived.params", "val/loss", "val/n_images", *GEN, "eval/n_samples"], AR_KEYS),
+    "recipe": ("ar", ["val/loss", "val/n_images", *GEN, "eval/n_samples"], AR_KEYS),
+    "cross_dataset": ("tokenizer", ["eval/psnr", "eval/ssim_skimage", "eval/lpips", "eval/rfid", "eval/n_images",
+                                    "eval/utilization", "eval/n_tokens"], ["eval/psnr", "eval/rfid"]),
 }
 
 
@@ -40,10 +43,12 @@ def detect(df: pd.DataFrame) -> str | None:
 
 
 def _columns(table: pd.DataFrame, wanted: list[str]) -> list[str]:
+    """The table's columns of the `wanted` keys (a "{k}" key: every sub-token's), then the cost columns logged."""
+    keys = {c: registry.by_label(c).key for c in table.columns if registry.by_label(c)}
     cols = []
     for w in wanted + COST:
-        cols += [c for c in table.columns if (c == w or (w.endswith("*") and c.startswith(w[:-1]) and c != w[:-2]))
-                 and c not in cols]
+        pattern = re.compile(re.escape(w).replace(re.escape("{k}"), r"\d+") + "$")
+        cols += [c for c, k in keys.items() if pattern.match(k) and c not in cols]
     return ["status", "steps (schedule)"] + cols
 
 
@@ -112,7 +117,7 @@ def section(df: pd.DataFrame, name: str, out: Path, evals: pd.DataFrame | None =
     pngs = []
     if name == "scaling" and ("model GFLOP/step", "mean") in agg:
         agg[("train GFLOP", "mean")] = agg[("model GFLOP/step", "mean")] * agg[("steps (schedule)", "lo")]
-    for metric in keys:
+    for metric in (registry.label(k) for k in keys):
         p = out / f"{name}_{re.sub(r'[^a-z0-9]+', '_', metric.lower()).strip('_')}.png"
         if plot_arms(agg, metric, path=p) is not None:
             pngs.append(p)
@@ -122,5 +127,5 @@ def section(df: pd.DataFrame, name: str, out: Path, evals: pd.DataFrame | None =
                 pngs.append(pc)
     shown = agg.drop(columns=["train GFLOP"], level=0, errors="ignore")
     md = (f"### Experiment {name}\n\nEvery member (seed-aggregated below):\n\n{to_markdown(members)}\n"
-          f"By arm, over seeds:\n\n{seeds_markdown(shown, keys)}")
+          f"By arm, over seeds:\n\n{seeds_markdown(shown, [registry.label(k) for k in keys])}")
     return md, pngs

@@ -9,20 +9,14 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from magvit2.metrics import registry
+
 
 def _finish(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
-
-
-# axis labels that say what a metric is (the in-loop FID is not the paper's 50k-sample gFID)
-LABELS = {"eval/fid": "FID (in-loop: samples vs val images)", "eval/is": "IS (in-loop samples)",
-          "eval/precision": "precision (k = 3, in-loop)", "eval/recall": "recall (k = 3, in-loop)",
-          "eval/ssim_skimage": "SSIM (skimage 7x7 uniform)", "eval/ssim": "SSIM (Gaussian 11x11)",
-          "eval/psnr": "PSNR (dB)", "eval/utilization": "codebook utilization (%)", "eval/rfid": "rFID",
-          "val/loss": "val loss (nats, sum over sub-tokens)", "train/loss": "train loss"}
 
 
 # One colour per factorization (and quantizer) in every plot of a report; other arms take the colours after them.
@@ -77,8 +71,8 @@ def plot_scaling(df: pd.DataFrame, metric: str, path: str | Path | None = None) 
         fig.text(0.01, -0.02, "missing: " + "; ".join(gone), fontsize=7, va="top", wrap=True)
     ax.legend(fontsize=8)
     ax.set_xlabel("model size")
-    ax.set_ylabel(LABELS.get(metric, metric))
-    ax.set_title(f"{LABELS.get(metric, metric)} vs model size")
+    ax.set_ylabel(registry.label(metric))
+    ax.set_title(f"{registry.label(metric)} vs model size")
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
@@ -87,37 +81,36 @@ def missing_note(df: pd.DataFrame, key: str) -> str:
     """The report's line for a metric no run logged (no plot is drawn for it), with the reasons the runs gave."""
     why = sorted({r["missing"][key] for _, r in df.iterrows()
                   if isinstance(r.get("missing"), dict) and key in r["missing"]})
-    return f"{LABELS.get(key, key)}: no run logged it" + (f" ({'; '.join(why)})" if why else "") + ", so no plot."
+    return f"{registry.label(key)}: no run logged it" + (f" ({'; '.join(why)})" if why else "") + ", so no plot."
 
 
-def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None, scale: float = 1.0,
-                label: str | None = None) -> Figure | None:
-    """History of one metric (x scale), one line per run (long frame from `load_history`). None (and no file) when
-    no run logged it: say so in the text instead (`missing_note`)."""
+def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None) -> Figure | None:
+    """History of one metric, one line per run (long frame from `load_history`), shown as the registry shows it
+    (label, percent). None (and no file) when no run logged it: say so in the text instead (`missing_note`)."""
     h = hist[hist["key"] == key]
     if h.empty:
         return None
+    m = registry.get(key)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     runs = list(h.groupby(["run_id", "run_name"], sort=False))
-    labels = [str(name or rid[:8]) for (rid, name), _ in runs]
-    for (_, g), label, style in zip(runs, labels, styles(labels)):
+    names = [str(name or rid[:8]) for (rid, name), _ in runs]
+    for (_, g), name, style in zip(runs, names, styles(names)):
         # markers: a metric logged only at the end is one point, which a bare line would not draw at all
-        ax.plot(g["step"], g["value"] * scale, label=label, marker="o" if len(g) <= 50 else None, markersize=4,
-                **style)
+        ax.plot(g["step"], g["value"] * (m.scale if m else 1), label=name, marker="o" if len(g) <= 50 else None,
+                markersize=4, **style)
     ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel(label or LABELS.get(key, key))
-    ax.set_title(label or LABELS.get(key, key))
+    ax.set_ylabel(registry.label(key))
+    ax.set_title(registry.label(key))  # the metric's, never a run's name
+    if m is not None and m.percent:
+        ax.set_ylim(0, 105)
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
 
 def plot_utilization(hist: pd.DataFrame, path: str | Path | None = None,
                      key: str = "eval/utilization") -> Figure | None:
-    """Codebook utilization (% of codes used, as the training summary prints it) over training, one line per run;
-    collapse shows as a drop. None when no run logged it."""
-    fig = plot_curves(hist, key, scale=100, label="codebook utilization (%)")
-    if fig is not None:
-        fig.axes[0].set_ylim(0, 105)
-    return _finish(fig, path) if fig is not None else None
+    """Codebook utilization (% of codes used) over training, one line per run; collapse shows as a drop. None when
+    no run logged it."""
+    return plot_curves(hist, key, path)

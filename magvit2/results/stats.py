@@ -7,11 +7,24 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from magvit2.metrics import registry
+
 # not what an arm is: the seed, and what a sweep adds to every member's overrides
 NOT_ARM = ("seed", "sweep.", "+sweep.", "paths.", "hydra.", "tracking.")
-# columns that describe an arm rather than vary over its seeds: shown as their value (a range if they differ)
-CONSTANT = ("N ", "steps (schedule)", "params (incl. head)", "model GFLOP/step", "status")
-SUM = ("device-hours",)  # an arm's cost is the sum over its seeds
+_CONSTANT = ("steps (schedule)", "status")  # besides the registry's seeds="constant" rows
+
+
+def constant(column: str) -> bool:
+    """A column that describes an arm rather than varies over its seeds (an N, the params, the schedule): shown as
+    its value (a range if they differ)."""
+    m = registry.by_label(column)
+    return column in _CONSTANT or (m is not None and m.seeds == "constant")
+
+
+def summed(column: str) -> bool:
+    """A column whose arm value is the sum over its seeds (device-hours: the arm's cost)."""
+    m = registry.by_label(column)
+    return m is not None and m.seeds == "sum"
 
 
 def arm_labels(df: pd.DataFrame) -> pd.Series:
@@ -45,9 +58,9 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     for c in num.columns:
         half = t_quantile(agg[(c, "n")]) * agg[(c, "std")] / np.sqrt(agg[(c, "n")])
         agg[(c, "lo")], agg[(c, "hi")] = agg[(c, "mean")] - half, agg[(c, "mean")] + half
-        if c.startswith(SUM):
+        if summed(c):
             agg[(c, "mean")] = g[c].sum(min_count=1)
-        if c.startswith(CONSTANT):  # the range, as (min, max)
+        if constant(c):  # the range, as (min, max)
             agg[(c, "lo")], agg[(c, "hi")] = g[c].min(), g[c].max()
     agg[("n seeds", "n")] = g.size()
     agg = agg[[("n seeds", "n")] + [(c, s) for c in num.columns for s in ("mean", "std", "n", "lo", "hi")]]

@@ -7,34 +7,12 @@ import math
 import numpy as np
 import pandas as pd
 
+from magvit2.metrics import registry
 from magvit2.results import stats
-from magvit2.results.stats import CONSTANT, SUM, arm_labels
+from magvit2.results.stats import arm_labels
 
-# Each metric with its N: "N img" (val images behind rFID/PSNR/SSIM/LPIPS), "N tokens" (codes behind utilization
-# and perplexity), "N samples" / "N val img" (the in-loop FID: samples vs validation images, not the paper's 50k
-# gFID protocol). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian one says so. Units in
-# the names; utilization in percent, as the training summary prints it.
-TOKENIZER_COLUMNS = {"rFID": "eval/rfid", "PSNR (dB)": "eval/psnr", "SSIM": "eval/ssim_skimage",
-                     "SSIM (Gaussian 11x11)": "eval/ssim", "LPIPS": "eval/lpips", "N img": "eval/n_images",
-                     "utilization (%)": "eval/utilization", "perplexity": "eval/perplexity",
-                     "N tokens": "eval/n_tokens"}
-AR_COLUMNS = {"FID (in-loop)": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N val img": "eval/n_real",
-              "val loss (nats)": "val/loss", "N val loss img": "val/n_images"}  # + "val loss k (nats)", params
-# What each run cost (logged by the run itself: magvit2.runtime.compute). Only the ones some run logged are shown.
-# Peak memory: the GPU's max allocated, or on CPU the process's max RSS (another quantity, hence its own column).
-COMPUTE_COLUMNS = {"wall (s)": "compute/wall_s", "device-hours": "compute/device_hours",
-                   "model GFLOP/step": "compute/flops_per_step", "MFU (%)": "compute/mfu",
-                   "peak GPU mem (GiB)": "compute/peak_gpu_mem_gib", "peak RSS (GiB, CPU)": "compute/peak_rss_gib"}
-# Per stage, columns shown only when some run logged them: throughput; precision / recall (metrics.precision_recall
-# in-loop, `evaluate ar --precision-recall`), whose N are FID's
-IF_LOGGED = {"tokenizer": {"images/s": "compute/images_per_s"},
-             "ar": {"tokens/s": "compute/tokens_per_s", "sampling images/s": "compute/sample_images_per_s",
-                    "precision": "eval/precision", "recall": "eval/recall"}}
-PERCENT = {"eval/utilization", "compute/mfu"}  # fractions shown x100
-GIGA = {"compute/flops_per_step"}
-# which way is better, for the bold best value of a column
-LOWER_BETTER = ("rFID", "LPIPS", "FID", "val loss")
-HIGHER_BETTER = ("PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)", "IS", "utilization (%)", "precision", "recall")
+# The columns, their labels, scaling and better direction: magvit2.metrics.registry (its `table` field). Each metric
+# comes with its N ("N img", "N tokens", "N samples" / "N val img": the in-loop FID is not the paper's 50k gFID).
 MISSING = "—"
 
 
@@ -42,16 +20,21 @@ def _stage(df: pd.DataFrame, stage: str) -> pd.DataFrame:
     return df[df["stage"] == stage] if "stage" in df else df
 
 
-def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
+def _logged(df: pd.DataFrame, key: str) -> bool:
+    return key in df or any(key in m for m in df.get("missing", []) if isinstance(m, dict))
+
+
+def _table(df: pd.DataFrame, stage: str, keys: list[str], rows: list[registry.Metric]) -> pd.DataFrame:
     """Rows keyed by `keys` (+ any other config choice that varies; if rows still collide, their arm (the overrides
     that differ), then the seed, then run_name); status, the stage's scheduled steps and the seed (unless it keys
-    the rows), then `columns`, then the COMPUTE_COLUMNS some run logged."""
+    the rows), then the metric `rows` (those marked if_logged only where some run logged them), then the cost rows
+    some run logged."""
+    rows = [r for r in rows + registry.table_rows("cost") if not r.if_logged or _logged(df, r.key)]
+    columns = {r.label: r for r in rows}
     levels = [k for k in keys if k in df and df[k].notna().any()]
     levels += [c for c in df.columns if c.startswith("choice.") and c[len("choice."):] not in keys
                and df[c].astype(str).nunique() > 1]
     df = df.assign(arm=arm_labels(df))
-    columns = {**columns, **{n: c for n, c in {**IF_LOGGED.get(stage, {}), **COMPUTE_COLUMNS}.items()
-                             if c in df or any(c in m for m in df.get("missing", []) if isinstance(m, dict))}}
     # rows that still collide: the overrides that tell them apart (the arm), then the seed, then the run
     for extra in ("arm", "seed", "run_name"):
         if extra not in df or (levels and not df.duplicated(levels).any()):
@@ -64,15 +47,14 @@ def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str
     out = pd.DataFrame({"status": df["status"].str.lower() if "status" in df else MISSING,
                         "steps (schedule)": pd.to_numeric(df[steps], errors="coerce") if steps in df else np.nan,
                         "seed": pd.to_numeric(df["seed"], errors="coerce") if "seed" in df else np.nan,
-                        **{name: (pd.to_numeric(df[col], errors="coerce") * (100 if col in PERCENT else 1)
-                                  / (1e9 if col in GIGA else 1) if col in df else np.nan)
-                           for name, col in columns.items()}}, index=df.index)
+                        **{name: (pd.to_numeric(df[r.key], errors="coerce") * r.scale if r.key in df else np.nan)
+                           for name, r in columns.items()}}, index=df.index)
     if "seed" in levels:
         out = out.drop(columns=["seed"])
     reasons = {}
     missing_text = []
     for i, miss in zip(df.index, df["missing"] if "missing" in df else [{}] * len(df)):
-        row = {name: miss[col] for name, col in columns.items() if isinstance(miss, dict) and col in miss}
+        row = {name: miss[r.key] for name, r in columns.items() if isinstance(miss, dict) and r.key in miss}
         reasons.update({(i, name): why for name, why in row.items()})
         missing_text.append("; ".join(f"{name}: {why}" for name, why in row.items()))
     out["missing"] = missing_text
@@ -86,26 +68,24 @@ def _table(df: pd.DataFrame, stage: str, keys: list[str], columns: dict[str, str
 
 
 def tokenizer_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows tokenizer x quantizer; columns status, steps, seed, TOKENIZER_COLUMNS (metrics with their N), missing
-    (reasons)."""
+    """Rows tokenizer x quantizer; columns status, steps, seed, the registry's tokenizer table (metrics with their N),
+    missing (reasons)."""
     sub = _stage(df, "tokenizer")
     return _table(sub.assign(tokenizer=sub.get("choice.tokenizer"), quantizer=sub.get("choice.quantizer")),
-                  "tokenizer", ["tokenizer", "quantizer"], TOKENIZER_COLUMNS)
+                  "tokenizer", ["tokenizer", "quantizer"], registry.table_rows("tokenizer"))
 
 
 def ar_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows factorization x model; columns status, steps, seed, AR_COLUMNS, val loss 1..M (per sub-token, nats),
-    params (incl. the output head), missing."""
+    """Rows factorization x model; columns status, steps, seed, the registry's AR table (FID, IS, val loss and its
+    per-sub-token parts 1..M, params incl. the output head, with their N), missing."""
     sub = _stage(df, "ar")
-    subs = sorted((int(c.rsplit("_", 1)[1]) for c in sub.columns
-                   if c.startswith("val/loss_") and c.rsplit("_", 1)[1].isdigit()))
-    cols = {**AR_COLUMNS, **{f"val loss {k} (nats)": f"val/loss_{k}" for k in subs},
-            "params (incl. head)": "derived.params"}
-    return _table(sub, "ar", ["factorization", "model"], cols)
+    m = max((int(c.rsplit("_", 1)[1]) for c in sub.columns
+             if c.startswith("val/loss_") and c.rsplit("_", 1)[1].isdigit()), default=0)
+    return _table(sub, "ar", ["factorization", "model"], registry.table_rows("ar", m))
 
 
 # python -m magvit2.evaluate's protocol metrics (FID: 50 samples per class vs a reference batch, not in-loop)
-REFERENCE_AR_COLUMNS = {"FID": "eval/fid", "IS": "eval/is", "N samples": "eval/n_samples", "N ref img": "eval/n_real"}
+REFERENCE_AR = ("eval/fid", "eval/is", "eval/n_samples", "eval/n_real")
 
 
 def reference_table(df: pd.DataFrame, stage: str) -> pd.DataFrame:
@@ -116,8 +96,9 @@ def reference_table(df: pd.DataFrame, stage: str) -> pd.DataFrame:
     keys = {"weights": sub["run_name"].str.replace(f"evaluate-{stage}-", "", regex=False)}
     if stage == "tokenizer":
         keys.update(tokens=sub.get("tokens"), data=sub.get("data"))
-    cols = TOKENIZER_COLUMNS if stage == "tokenizer" else REFERENCE_AR_COLUMNS
-    return _table(sub.assign(**keys), stage, list(keys), cols).drop(columns=["steps (schedule)", "seed"])
+    rows = (registry.table_rows("tokenizer") if stage == "tokenizer"
+            else [registry.get(k, evaluate=True) for k in REFERENCE_AR])
+    return _table(sub.assign(**keys), stage, list(keys), rows).drop(columns=["steps (schedule)", "seed"])
 
 
 def _fmt(v) -> str:
@@ -134,10 +115,19 @@ def _fmt(v) -> str:
 
 
 def _better(column: str) -> str | None:
-    """'min' / 'max' for a column with a better direction, else None (N, params, steps, perplexity, ...)."""
-    if column.startswith(LOWER_BETTER):
-        return "min"
-    return "max" if column in HIGHER_BETTER else None
+    """'min' / 'max' for a claim's column with a better direction, else None (N, params, steps, perplexity, costs)."""
+    m = registry.by_label(column)
+    return None if m is None or m.kind != registry.CLAIM or m.better is None else \
+        "min" if m.better == "lower" else "max"
+
+
+def _ranked(column: str, index: pd.Index) -> bool:
+    """Whether a best value of `column` over these rows means something: a claim with a direction, and (a
+    per-sub-token loss) not compared across factorizations."""
+    m = registry.by_label(column)
+    if _better(column) is None:
+        return False
+    return m.comparable or "factorization" not in index.names or index.get_level_values("factorization").nunique() < 2
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -150,7 +140,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     best = {}
     for c in cols:
         vals = pd.to_numeric(table[c], errors="coerce")
-        if _better(c) and vals.notna().sum() > 1:
+        if _ranked(c, table.index) and vals.notna().sum() > 1:
             best[c] = getattr(vals, _better(c))()
     lines = ["| " + " | ".join(names + cols) + " |", "|" + "---|" * (len(names) + len(cols))]
     notes: dict[tuple, list] = {}  # (column, reason) -> the rows it holds for: one numbered line per reason
@@ -173,9 +163,9 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def _seed_cell(column: str, st: pd.Series) -> str:
     """mean ± std [95% interval] over an arm's seeds; one seed says so; constants as their value or range."""
-    if column.startswith(CONSTANT):
+    if stats.constant(column):
         return _fmt(st["lo"]) if st["lo"] == st["hi"] or pd.isna(st["hi"]) else f"{_fmt(st['lo'])}–{_fmt(st['hi'])}"
-    if column.startswith(SUM) or pd.isna(st["mean"]):
+    if stats.summed(column) or pd.isna(st["mean"]):
         return _fmt(st["mean"])
     if st["n"] < 2:
         return f"{_fmt(st['mean'])} (n = 1)"
@@ -189,8 +179,8 @@ def seeds_markdown(agg: pd.DataFrame, key_metrics: list[str] | None = None) -> s
     `key_metrics` (default: every metric with a better direction), and the logged reasons of missing values."""
     names = [n or "" for n in agg.index.names]
     cols = [c for c in dict.fromkeys(agg.columns.get_level_values(0)) if c != "n seeds"]
-    bold = key_metrics if key_metrics is not None else cols  # per-sub-token losses differ in vocabulary: not ranked
-    best = {c: stats.clear_best(agg, c, _better(c) == "min") for c in cols if _better(c) and c in bold}
+    bold = key_metrics if key_metrics is not None else cols
+    best = {c: stats.clear_best(agg, c, _better(c) == "min") for c in cols if _ranked(c, agg.index) and c in bold}
     lines = ["| " + " | ".join(names + ["n seeds"] + cols) + " |", "|" + "---|" * (len(names) + 1 + len(cols))]
     for key, row in agg.iterrows():
         cells = [str(k) for k in (key if isinstance(key, tuple) else [key])] + [_fmt(row[("n seeds", "n")])]
@@ -203,7 +193,7 @@ def seeds_markdown(agg: pd.DataFrame, key_metrics: list[str] | None = None) -> s
     notes = ["", "Mean ± std over seeds and the 95% Student-t interval of the mean; device-hours summed over seeds."]
     if single:
         notes.append(f"n = 1 (one seed: no spread, no interval; run seed=0,1,2 for one): {', '.join(single)}.")
-    for c in key_metrics if key_metrics is not None else [c for c in cols if _better(c)]:
+    for c in key_metrics if key_metrics is not None else [c for c in cols if _ranked(c, agg.index)]:
         notes += [f"- {line}" for line in stats.overlaps(agg, c, _better(c) == "min")]
     why = sorted({(c, r) for (_, c), r in agg.attrs.get("missing", {}).items() if c in cols})
     notes += [f"- {c} missing: {r}" for c, r in why]

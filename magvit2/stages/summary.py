@@ -4,32 +4,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from magvit2.metrics import registry
 from magvit2.runs import RunDir
 
-# (key, label, format, what N counts). "SSIM" is the reference's (scikit-image, 7x7 uniform window); the Gaussian
-# one is labelled as such. The FID is the in-loop one (samples vs val images), not the paper's 50k gFID protocol.
-_KEYS = [("eval/psnr", "PSNR", ".2f", "img"), ("eval/ssim_skimage", "SSIM", ".3f", "img"),
-         ("eval/ssim", "SSIM (Gaussian 11x11)", ".3f", "img"), ("eval/lpips", "LPIPS", ".3f", "img"),
-         ("eval/rfid", "rFID", ".2f", "img"), ("eval/utilization", "codebook utilization", ".2%", "tok"),
-         ("eval/perplexity", "code perplexity", ".0f", "tok"),
-         ("val/loss", "val loss (sum over sub-tokens)", ".3f", "val"),
-         ("eval/fid", "FID (in-loop)", ".2f", "fid"), ("eval/is", "IS", ".2f", "gen")]
-_N = {"val": [("val/n_images", "images")], "img": [("eval/n_images", "images")],
-      "tok": [("eval/n_tokens", "tokens")],
-      "gen": [("eval/n_samples", "samples")], "fid": [("eval/n_samples", "samples"), ("eval/n_real", "val images")]}
-
-
-def _n_text(res: dict, what: str | None) -> str:
-    """"N = 64 images" (or "N = 80 samples vs 64 val images") from the N keys logged with the metrics."""
-    if what is None:
-        return ""
-    parts = [f"{res[k]:,.0f} {unit}" if isinstance(res.get(k), (int, float)) else f"? {unit}" for k, unit in _N[what]]
-    return "  (N = " + " vs ".join(parts) + ")"
+# the headline metrics, in this order (labels, formats and N: magvit2.metrics.registry)
+_KEYS = ("eval/psnr", "eval/ssim_skimage", "eval/ssim", "eval/lpips", "eval/rfid", "eval/utilization",
+         "eval/perplexity", "val/loss", "eval/fid", "eval/is")
 
 
 def _metric_lines(res: dict) -> list[str]:
-    return [f"   {name:32s} {format(res[k], fmt):>8s}{_n_text(res, what)}" for k, name, fmt, what in _KEYS
-            if isinstance(res.get(k), (int, float))]
+    """'   PSNR (dB)   24.50  (N = 64 images)' per headline metric the run logged."""
+    lines = []
+    for k in _KEYS:
+        if isinstance(res.get(k), (int, float)):
+            m, n = registry.get(k), registry.n_text(k, res)
+            lines.append(f"   {m.label:32s} {m.number(res[k]):>8s}" + (f"  (N = {n})" if n else ""))
+    return lines
 
 
 def format_summary(stage: str, result: dict, tracking_uri: str) -> str:

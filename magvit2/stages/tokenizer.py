@@ -176,20 +176,11 @@ def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lpips_model, inception=inception,
                                  device=acc.device)
-    first = None
     was_training = raw.training
     raw.eval()
     with ema.swap(raw):
-        for x, _ in loader:
-            x = x.to(acc.device)
-            with acc.autocast():
-                x_rec, q = raw(x)
-            x_rec = x_rec.float().clamp(-1, 1)
-            rm.update(x, x_rec, q.indices)
-            if first is None:
-                first = (x[:8].cpu(), x_rec[:8].cpu())
+        out, first = M.reconstruct(raw, loader, rm, acc.autocast)
     raw.train(was_training)
-    out = rm.compute()
     if not ctx.is_main:
         return {}
     res = {}

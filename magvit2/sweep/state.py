@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from magvit2 import config as C
+from magvit2.metrics import registry
 from magvit2.runs import RunDir, atomic_write_text, read_json
 from magvit2.runtime.tracker import tokenizer_run_name
 
@@ -155,8 +156,8 @@ def _mark_waiting(rows: list[dict]) -> None:
 
 
 def _value(key: str, v: float) -> str:
-    # utilization in percent everywhere (the run's summary, the report): 1.18%, not 0.0118
-    return f"{v:.2%}" if "utilization" in key else f"{v:.4g}"
+    m = registry.get(key)  # as the run's summary and the report show it: utilization 1.18%, not 0.0118
+    return m.text(v) if m else f"{v:.4g}"
 
 
 def _short(metrics: dict, n: int = 4) -> str:
@@ -187,14 +188,16 @@ def format_members(rows: list[dict], title: str = "") -> str:
     return f"{title}\n{out}" if title else out
 
 
-# The key metric a sweep's summary ranks members by, in order of preference: (key, lower is better).
-KEY_METRICS = (("eval/fid", True), ("val/loss", True), ("eval/rfid", True), ("eval/psnr", False))
+# The key metric a sweep's summary ranks members by, in order of preference; each one a ranked registry row (a
+# claim with a better direction, comparable across factorizations).
+KEY_METRICS = ("eval/fid", "val/loss", "eval/rfid", "eval/psnr")
 
 
 def ranked(rows: list[dict]) -> tuple[str, bool, list[dict]] | None:
     """(key metric, lower is better, finished members best first) for the first KEY_METRICS key they logged."""
     done = [r for r in rows if r["state"] == "finished"]
-    for key, lower in KEY_METRICS:
+    for key in KEY_METRICS:
+        lower = registry.get(key).better == "lower"
         have = [r for r in done if isinstance(r.get("metrics", {}).get(key), (int, float))]
         if have:
             return key, lower, sorted(have, key=lambda r: r["metrics"][key], reverse=not lower)

@@ -3,6 +3,7 @@ results table as results.csv / results.md, the best member for the key metric as
 device-hours as metrics, a description naming the swept axes)."""
 from __future__ import annotations
 
+from magvit2.metrics import registry
 from magvit2.runs import RunDir, read_json
 from magvit2.runtime.tracker import clock_seconds, run_seconds
 from magvit2.sweep import state
@@ -37,12 +38,16 @@ def results_table(rows: list[dict]):
     for r in rows:
         metrics = {k: v for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))}
         metrics = {k: v for k, v in metrics.items() if k.startswith(("eval/", "val/"))} or metrics
-        metrics = {(f"{k} (%)" if "utilization" in k else k): (100 * v if "utilization" in k else v)
+        metrics = {k + (" (%)" if _percent(k) else ""): v * (100 if _percent(k) else 1)
                    for k, v in sorted(metrics.items())}
         recs.append({"member": r["member"], "state": r["state"], "step": r.get("step", 0), "steps": r.get("steps"),
                      "device-hours": run_device_hours(r["run_dir"]), **metrics,
                      "signature": r["signature"], "run_dir": r["run_dir"]})
     return pd.DataFrame(recs)
+
+
+def _percent(key: str) -> bool:
+    return bool(registry.get(key) and registry.get(key).percent)
 
 
 def axes_text(axes: dict) -> str:
