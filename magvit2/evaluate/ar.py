@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
+from magvit2.metrics import protocol as P
 from magvit2.config import subtoken_values
 from magvit2.errors import ConfigError
 from magvit2.evaluate import common, shards
@@ -74,7 +75,7 @@ def run(a) -> dict:
                 "tokenizer_weights": src.info["tokenizer_weights"], "per_class": a.per_class, "num_classes": n_cls,
                 "seed": int(s.seed), "cfg_scale": subtoken_values(s.cfg_scale, m, "--cfg-scale"),
                 "temperature": subtoken_values(s.temperature, m, "--temperature"), "top_k": s.top_k,
-                "top_p": s.top_p, "shard_size": a.shard_size, "image_size": size}
+                "top_p": s.top_p, "shard_size": a.shard_size, "image_size": size, "protocol": a.protocol}
     if min(settings["temperature"]) <= 0:
         raise ConfigError(f"temperature {settings['temperature']} must be > 0 for every sub-token")
     out = common.out_dir(a, "ar", src.name, settings)
@@ -94,7 +95,7 @@ def run(a) -> dict:
             y = labels[sh.start:sh.stop]
             seeds = [item_seed(int(s.seed), int(c), i % a.per_class) for i, c in zip(range(sh.start, sh.stop), y)]
             imgs = sample_images(model, tok, y, s, s.seed, s.batch_size, device, show=False, item_seeds=seeds)
-            shards.write(out, sh, as_numpy_uint8(imgs))
+            shards.write(out, sh, as_numpy_uint8(imgs, P.get(a.protocol).to_uint8))
             bar.update(len(y))
     with FileLock(out / "merge"):  # the last rank to finish merges; the others see its results
         left = set(plan) - set(shards.done(out, plan))
@@ -123,7 +124,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
         return prev
     npz = out / "samples.npz"
     inception = M.inception_for_fid(a.inception_weights, download=not a.no_download)
-    gm = M.GenerationMetrics(inception, device=device, precision_recall=a.precision_recall)
+    gm = M.GenerationMetrics(inception, device=device, precision_recall=a.precision_recall, protocol=a.protocol)
     bs = a.batch_size or 100
     n, size = plan[-1].stop, settings["image_size"]
     head, features = [], not isinstance(inception, M.Missing)  # head: the grid's images (the first 10 classes)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from magvit2.metrics import registry
+from magvit2.metrics import protocol, registry
 from magvit2.metrics.missing import Missing
 
 EXPERIMENT = "magvit2-evaluate"
@@ -22,13 +22,17 @@ def add_common_args(ap) -> None:
     ap.add_argument("--workers", type=int, default=4, help="DataLoader workers reading images (default 4)")
     ap.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (rFID, FID, IS); "
                     "default: torch hub's cache, else a download")
+    ap.add_argument("--protocol", default=protocol.DEFAULT, choices=tuple(protocol.PROTOCOLS),
+                    help="how images become numbers: reference (default: the original's evaluation arithmetic: "
+                         "uint8-truncated PSNR / SSIM and samples, pytorch-fid's rFID input, LPIPS Alex + VGG) or "
+                         "precise (the floats, torch-fidelity's uint8 rFID input, rounding); metrics/protocol.py")
     ap.add_argument("--no-download", action="store_true", help="never download weights: a missing file makes its "
                     "metric missing (reported, never a number from random weights)")
 
 
 def check_weight_files(a) -> None:
     from magvit2.errors import ConfigError
-    for flag in ("inception_weights", "vgg16_weights"):
+    for flag in ("inception_weights", "vgg16_weights", "alexnet_weights"):
         path = getattr(a, flag, None)
         if path is not None and not Path(path).expanduser().is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file; point it at the downloaded weights "
@@ -53,7 +57,7 @@ def split_missing(metrics: dict) -> tuple[dict[str, float], dict[str, str]]:
 
 
 _FLAGS = {"metrics.inception_weights": "--inception-weights", "metrics.vgg16_weights": "--vgg16-weights",
-          "metrics.download=false": "--no-download"}  # the reasons name the config settings these flags set
+          "metrics.alexnet_weights": "--alexnet-weights", "metrics.download=false": "--no-download"}  # the reasons name the config settings these flags set
 
 
 def print_table(metrics: dict, keys: tuple[str, ...]) -> None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
+from magvit2.metrics import protocol as P
 from magvit2.errors import ConfigError
 from magvit2.evaluate import common
 from magvit2.evaluate.images import ImageFiles
@@ -24,6 +25,8 @@ def add_args(ap) -> None:
     ap.add_argument("--weights", default="ema", choices=("ema", "raw"), help="default ema (the original's)")
     ap.add_argument("--vgg16-weights", default=None, help="torchvision vgg16-397923af.pth (LPIPS); default: "
                     "torch hub's cache, else a download")
+    ap.add_argument("--alexnet-weights", default=None, help="torchvision alexnet-owt-7be5be79.pth (LPIPS-Alex, "
+                    "--protocol reference); default: torch hub's cache, else a download")
     common.add_common_args(ap)
 
 
@@ -53,13 +56,15 @@ def _evaluate(a, ds, rank: int, world: int, how: str) -> dict:
     device = local_device()
     tok.to(device)
     params = {"kind": "tokenizer", "source": str(src.path), "data": str(ds.root),
-              "resolution": a.resolution, "num_images": len(ds), "weights": a.weights,
+              "resolution": a.resolution, "num_images": len(ds), "weights": a.weights, "protocol": a.protocol,
               "tokens": f"{a.resolution // tok.downsample}x{a.resolution // tok.downsample}"}
     out = common.out_dir(a, "tokenizer", f"{src.name}-{a.resolution}px-{a.weights}", params)
-    dl = not a.no_download
-    rm = M.ReconstructionMetrics(tok.quantizer.codebook_size, device=device,
-                                 lpips_model=M.load_lpips(a.vgg16_weights, download=dl),
-                                 inception=M.inception_for_fid(a.inception_weights, download=dl))
+    dl, proto = not a.no_download, P.get(a.protocol)
+    alex = M.load_lpips(a.alexnet_weights, "alex", download=dl) if "alex" in proto.lpips_nets else None
+    rm = M.ReconstructionMetrics(tok.quantizer.codebook_size, device=device, protocol=proto.name,
+                                 lpips_model=M.load_lpips(a.vgg16_weights, download=dl), lpips_alex=alex,
+                                 inception=M.inception_for_fid(a.inception_weights, download=dl,
+                                                               kind=proto.rfid_input))
     mine = ds if world == 1 else Subset(ds, range(rank, len(ds), world))
     if world > 1:
         print(f"rank {rank} of {world} ({how}): {len(mine)} of {len(ds)} images")
@@ -75,7 +80,8 @@ def _evaluate(a, ds, rank: int, world: int, how: str) -> dict:
     metrics = {f"eval/{k}": v for k, v in m.items()}
     print(f"tokenizer {src.name} ({'released' if src.reference else 'run'}, {a.weights} weights) on {len(ds)} "
           f"images of {a.data} at {a.resolution}px: {params['tokens']} tokens")
-    return common.finish(a, "tokenizer", src, out, params, metrics, {}, [grid], ROWS)
+    return common.finish(a, "tokenizer", src, out, params, metrics, {}, [grid],
+                         ROWS + (("eval/lpips_alex",) if alex is not None else ()))
 
 
 # its printout, in this order (labels, formats and N: magvit2.metrics.registry)
