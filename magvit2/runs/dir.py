@@ -134,9 +134,9 @@ class RunDir:
     def write_status(self, **fields) -> dict:
         return status_json.write(self.status, self.read_status(), **fields)
 
-    def start_attempt(self) -> dict:
+    def start_attempt(self, **fields) -> dict:
         """Start this attempt's wall clock (the run's wall time and device-hours), keeping earlier attempts'."""
-        return self.write_status(**status_json.attempt_fields(self.read_status()))
+        return self.write_status(**status_json.attempt_fields(self.read_status()), **fields)
 
     def wall_seconds(self) -> float:
         return status_json.run_seconds(self.read_status())

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from magvit2 import config as C
-from magvit2.runs import RunDir
+from magvit2.runs import Ckpt, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ def load_tokenizer(cfg):
         return model, f"{source}:reference:{weights}", {"source": source, "path": str(path), "step": None,
                                                         "metrics": {}, "weights": weights, "reference": True}
     try:
-        if "ema" in ckpt:
-            model.load_state_dict(ckpt["model"])
+        if Ckpt.EMA in ckpt:
+            model.load_state_dict(ckpt[Ckpt.MODEL])
             if weights == "ema":
-                _load_ema(model, ckpt["ema"])
+                _load_ema(model, ckpt[Ckpt.EMA])
         else:
             model.load_state_dict(ckpt.get("state_dict", ckpt))
     except (RuntimeError, KeyError, ValueError) as e:
@@ -86,10 +86,10 @@ def load_tokenizer(cfg):
                             f"tokenizer={cfg.tokenizer.name} quantizer={C.choices(cfg)['quantizer']} ({e}); use the "
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
-    ident = f"{source}@step{ckpt.get('step', '?')}:{weights}"
+    ident = f"{source}@step{ckpt.get(Ckpt.STEP, '?')}:{weights}"
     st = RunDir(path.parent).read_status()
     metrics = {k: v for k, v in st.get("metrics", {}).items() if k.startswith("eval/")}
-    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics,
+    return model, ident, {"source": source, "path": str(path), "step": ckpt.get(Ckpt.STEP), "metrics": metrics,
                           "weights": weights}
 
 
@@ -120,9 +120,9 @@ def init_weights(cfg, model) -> str | None:
     from magvit2 import checkpoint
     ckpt = checkpoint.load(p, setting, _REFUSED_FIX.replace("a tokenizer run", "an AR run"))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt[Ckpt.MODEL])
     except (RuntimeError, KeyError) as e:
         raise C.ConfigError(f"{setting}: {p} does not fit model={cfg.model.name} factorization="
                             f"{C.choices(cfg).get('factorization')} ({str(e).splitlines()[0][:200]}); use the model "
                             f"and factorization it was trained with") from e
-    return f"{p} (step {ckpt.get('step', '?')})"
+    return f"{p} (step {ckpt.get(Ckpt.STEP, '?')})"
