@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from magvit2.errors import ConfigError
+
 STAGES = ("tokenizer", "ar")
 # Keys that never change a run's result (cadence, parallelism, data loading speed, kernel choice).
 _CADENCE_KEYS = ("ckpt_every", "eval_every", "log_every", "num_workers",

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from magvit2.errors import ConfigError
-from magvit2.runs import status as status_json
+import magvit2.runs.status as status_json
 from magvit2.runs.files import atomic_write, atomic_write_text, write_json
 from magvit2.runs.lock import FileLock
 
@@ -62,7 +62,7 @@ class RunDir:
     @classmethod
     def of(cls, cfg, stage: str | None = None) -> "RunDir":
         """The run dir of `cfg`'s run of `stage` (default cfg.stage), from its signature."""
-        from magvit2 import config as C
+        from magvit2 import config as C  # deferred: omegaconf and the config layer, which readers of runs/ skip
         return cls(C.run_dir(cfg, stage))
 
     @classmethod
@@ -162,9 +162,9 @@ class RunDir:
         to a temp file, the old checkpoint renamed to checkpoint.prev.pt and the new one renamed into place, then the
         RNG files of steps older than those two go. Call on every rank. A full disk raises StorageError naming the
         file; the temp file is removed and the checkpoints on disk stay as they were."""
-        import torch
+        import torch  # deferred: torch (heavy); runs/ is read by commands that never load a checkpoint
 
-        from magvit2.checkpoint import rng_state
+        from magvit2.checkpoint import rng_state  # deferred: torch
         rng, rng_path = rng_state(), self.rng(rank, step)
         atomic_write(rng_path, lambda f: torch.save(rng, f), "wb")
         barrier()
@@ -227,7 +227,7 @@ class RunDir:
     def load(self, path: Path | None = None, fix: str = "delete the run dir to train this run again (run dirs of "
              "an older magvit2 hold pickled RNG state, which is not loaded)") -> dict:
         """A file of this run dir (default the checkpoint), loaded as tensors and plain values only."""
-        from magvit2 import checkpoint
+        from magvit2 import checkpoint  # deferred: torch
         return checkpoint.load(path or self.checkpoint, f"run dir {self.path}", fix)
 
     def load_rng(self, rank: int, ckpt: dict) -> dict:
