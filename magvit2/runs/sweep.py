@@ -20,14 +20,19 @@ class SweepDir:
     def __init__(self, path):
         self.path = Path(path)
 
+    @staticmethod
+    def folder(root) -> Path:
+        """Where the sweeps of paths.root are."""
+        return Path(root) / "sweeps"
+
     @classmethod
     def of(cls, root, sid: str) -> "SweepDir":
-        return cls(Path(root) / "sweeps" / sid)
+        return cls(cls.folder(root) / sid)
 
     @staticmethod
     def under(root) -> list["SweepDir"]:
         """Every sweep dir under paths.root holding a sweep.json, the least recently changed first."""
-        d = Path(root) / "sweeps"
+        d = SweepDir.folder(root)
         found = sorted(d.glob("*"), key=os.path.getmtime) if d.is_dir() else []
         return [s for s in map(SweepDir, found) if s.exists()]
 

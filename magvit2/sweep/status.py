@@ -22,11 +22,12 @@ def find_sweep(ref: str, root: Path) -> Path:
     p = Path(ref)
     if SweepDir(p).exists():
         return p
-    cands = sorted((root / "sweeps").glob(f"{ref}*")) if (root / "sweeps").exists() else []
+    sweeps = SweepDir.folder(root)
+    cands = sorted(sweeps.glob(f"{ref}*")) if sweeps.exists() else []
     if len(cands) == 1:
         return cands[0]
-    known = ", ".join(c.name for c in sorted((root / "sweeps").glob("*"))) if (root / "sweeps").exists() else "none"
-    raise SystemExit(f"error: no single sweep matches {ref!r} under {root / 'sweeps'} (known: {known}); give a sweep "
+    known = ", ".join(c.name for c in sorted(sweeps.glob("*"))) if sweeps.exists() else "none"
+    raise SystemExit(f"error: no single sweep matches {ref!r} under {sweeps} (known: {known}); give a sweep "
                      f"id or dir, and --root if paths.root was not ./outputs")
 
 
