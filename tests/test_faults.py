@@ -202,10 +202,10 @@ def test_finished_runs_are_read_from_a_read_only_root(read_only, tmp_path, capsy
     src, ro = read_only
     run_train(src, *TOK, "trainer.tokenizer.steps=2")
     sig = _tok_dir(src).name
-    from magvit2.sweep import state
+    from magvit2.runs import SweepDir
     row = {"member": "m0", "overrides": [], "stage": "tokenizer", "signature": sig, "steps": 2,
            "run_dir": str(ro / "runs" / "tokenizer" / sig)}
-    state.write_sweep(src / "sweeps" / "s1", "s1", [], [row], "", "", "local", "")
+    SweepDir.of(src, "s1").write("s1", [], [row], "", "", "local", "")
     with pytest.raises(OSError):
         (ro / "probe").write_text("x")  # really read-only, for root too
 

@@ -120,3 +120,30 @@ def test_auto_tokenizer_is_found_never_trained(tmp_path):
     tok = RunDir.of(cfg, "tokenizer")
     tok.write_status(state="finished")
     assert checkpoint_path(cfg) == (tok.checkpoint, f"auto:{C.tokenizer_signature(cfg)}")
+
+
+def test_checkpoint_state_is_the_stage_s_keys_in_order_and_restores_them():
+    from magvit2.runs import Ckpt
+    model, opt_model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(opt_model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = Ckpt.state("ar", sched=sched, model=model, opt=opt)
+    assert list(state) == list(Ckpt.STATE["ar"]) == ["model", "opt", "sched"]
+    with pytest.raises(KeyError, match="ar checkpoint parts"):  # a part left out is a bug, not a checkpoint
+        Ckpt.state("ar", model=model, opt=opt)
+    other = torch.nn.Linear(2, 2)
+    Ckpt.restore(state, model=other)
+    assert torch.equal(other.weight, model.weight)
+
+
+def test_sweep_json_keeps_earlier_jobs_and_axes_on_resubmission(tmp_path):
+    from magvit2.runs import SweepDir
+    sd = SweepDir.of(tmp_path, "s1")
+    row = {"member": "m0", "overrides": ["a=1"], "stage": "ar", "signature": "x", "run_dir": "/r/x", "state": "new"}
+    sd.write("s1", ["a=1,2"], [row], "p1", "h1", "slurm", "file:/m", {"a": ["1", "2"]})
+    sd.record_jobs({"/r/x": "17_0"})
+    sd.write("s1", ["a=1,2"], [row], "p1", "h2", "slurm", "file:/m")
+    doc = sd.read()
+    assert sd.file == tmp_path / "sweeps" / "s1" / "sweep.json" and SweepDir.under(tmp_path)[0].id == "s1"
+    assert doc["jobs"] == {"/r/x": "17_0"} and doc["axes"] == {"a": ["1", "2"]} and doc["hydra_dirs"] == ["h1", "h2"]
+    assert doc["members"] == [{k: v for k, v in row.items() if k != "state"}]  # what a member is, not its state

@@ -190,7 +190,7 @@ def _clocked(rd: RunDir, opened: str, updated: str, **fields) -> None:
 
 
 def test_device_hours_are_wall_time_times_processes_over_members_and_the_shared_tokenizer(tmp_path, monkeypatch):
-    from magvit2.runtime.tracker import run_seconds, start_clock
+    from magvit2.runs.status import run_seconds
     from magvit2.sweep import summary
     d, tok = _tokenizer_sweep(tmp_path, monkeypatch, None)
     rows = state.refresh(d)
@@ -204,7 +204,7 @@ def test_device_hours_are_wall_time_times_processes_over_members_and_the_shared_
     # a resumed run adds its earlier attempts' seconds to the new attempt's clock
     rd = RunDir(tmp_path / "runs" / "resumed")
     _clocked(rd, "2024-01-01 10:00:00", "2024-01-01 10:10:00", wall_s_before=60)
-    start_clock(rd)
+    rd.start_attempt()
     st = rd.read_status()
     assert st["wall_s_before"] == 660 and run_seconds(st) < 662
     # epoch fields (written since): below one second, as a 6-step tiny run takes

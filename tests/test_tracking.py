@@ -276,6 +276,7 @@ def test_a_sweep_member_and_the_tokenizer_it_trains_first(sqlite_root, monkeypat
     from omegaconf import OmegaConf
 
     from magvit2.runs import RunDir
+    from magvit2.runtime.status import RunStatus
     from magvit2.runtime.tracker import open_member_run
     root = str(sqlite_root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
@@ -288,6 +289,7 @@ def test_a_sweep_member_and_the_tokenizer_it_trains_first(sqlite_root, monkeypat
         c = OmegaConf.merge(cfg, {"stage": stage})
         rd = RunDir.of(c)
         tr = open_member_run(c, stage, rd, 1, None)
+        RunStatus(rd).opened(2, 1, "cpu", tr.run_id)  # as RunContext.open does next
         tr.end()
         runs[stage] = (tr.client.get_run(tr.run_id), rd)
         assert rd.read_status()["opened"]  # the wall clock behind the sweep's device-hours

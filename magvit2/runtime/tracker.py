@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from magvit2 import config as C
-from magvit2.runs import RunDir, slurm_job_id
+from magvit2.runs import Ckpt, RunDir, slurm_job_id
+
+
+def check_server(cfg: DictConfig) -> None:
+    """An http(s) tracking server is asked first, on every rank: a refused server stops all ranks at once."""
+    if str(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "").startswith("http"):
+        from magvit2 import tracking
+        tracking.check_server(tracking.tracking_uri(str(cfg.paths.root), cfg.tracking.uri))
 
 
 def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, ckpt: dict | None):
@@ -19,7 +25,7 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
     run when this stage is the sweep's); params, config and tags logged."""
     from magvit2 import tracking
     root = str(cfg.paths.root)
-    run_id = (ckpt or {}).get("mlflow_run_id") or run.read_status().get("mlflow_run_id")
+    run_id = (ckpt or {}).get(Ckpt.MLFLOW_RUN_ID) or run.read_status().get("mlflow_run_id")
     # the sweep's members run its stage (sweep.stage, set by the sweeper); a tokenizer trained first for them is
     # shared: tagged with the sweep (its report shows it) but not nested under a parent run of its own experiment
     member = stage == (cfg.sweep.get("stage") or cfg.stage)
@@ -45,37 +51,7 @@ def open_member_run(cfg: DictConfig, stage: str, run: RunDir, world_size: int, c
         raise
     # from here on a dead server never holds the loop up: writes wait in the run dir's spool (metrics.jsonl)
     tracker.go_live(run.spool)
-    start_clock(run)
     return tracker
-
-
-_CLOCK = "%Y-%m-%d %H:%M:%S"  # the format of status.json's `updated` (magvit2.runs.RunDir.write_status)
-
-
-def clock_seconds(text: str | None) -> float | None:
-    """A status.json time stamp (local time of the writing host) as epoch seconds; None if absent or unreadable."""
-    try:
-        return time.mktime(time.strptime(text, _CLOCK))
-    except (TypeError, ValueError):
-        return None
-
-
-def run_seconds(status: dict) -> float:
-    """A run's training wall time from its status.json: earlier attempts (wall_s_before) + the current or last one
-    (from its opening to the last status write). Time queued or waiting for a lock is not in it."""
-    if isinstance(status.get("opened_s"), (int, float)) and isinstance(status.get("updated_s"), (int, float)):
-        start, end = status["opened_s"], status["updated_s"]
-    else:  # written before the epoch fields: whole seconds
-        start, end = clock_seconds(status.get("opened")), clock_seconds(status.get("updated"))
-    last = end - start if start is not None and end is not None else 0.0
-    return float(status.get("wall_s_before") or 0.0) + max(last, 0.0)
-
-
-def start_clock(run: RunDir) -> None:
-    """Start this attempt's wall clock in status.json (the sweep's device-hours), keeping earlier attempts' seconds."""
-    now = time.time()
-    run.write_status(wall_s_before=run_seconds(run.read_status()), opened=time.strftime(_CLOCK, time.localtime(now)),
-                     opened_s=now)
 
 
 def git_sha() -> str:

@@ -16,7 +16,8 @@ from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.build import build_ar, build_dataset, build_token_dataset
 from magvit2.models.ar import subtoken_loss
-from magvit2.runtime.context import RunContext
+from magvit2.runs import Ckpt
+from magvit2.runtime.context import RunContext, train_stage
 from magvit2.stages.generate import evaluate_generation, sampler
 from magvit2.stages.resolve import init_weights, load_tokenizer
 from magvit2.stages.tokenizer import compiled, fused
@@ -78,18 +79,9 @@ def train_ar(cfg) -> dict:
     # the device check of the sampler settings, before the AR stage works (the device make_accelerator will pick)
     sampler(cfg.sampling, "cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, tok_id, tok_info = load_tokenizer(cfg)
-    ctx = RunContext(cfg, "ar")
-    done = ctx.acquire()
-    if done:
-        log.info(f"AR run {ctx.signature} already finished: {ctx.run_dir}")
-        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {}),
-                "tokenizer": {"run_dir": tok_info["path"], **tok_info.get("metrics", {})}}
-    try:
-        return _train(cfg, ctx, tokenizer.to(ctx.acc.device), tok_id, tok_info)
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            ctx.fail(e)
-        raise
+    out = train_stage(cfg, "ar", lambda ctx: _train(cfg, ctx, tokenizer.to(ctx.acc.device), tok_id, tok_info),
+                      "AR run")
+    return {**out, "tokenizer": {"run_dir": tok_info["path"], **tok_info.get("metrics", {})}}
 
 
 def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict:
@@ -109,8 +101,8 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
-        start = int(ckpt["step"])
+        Ckpt.restore(ckpt, model=model, opt=opt, sched=sched)
+        start = int(ckpt[Ckpt.STEP])
         log.info(f"resuming AR {ctx.signature} at step {start}")
     else:
         ctx.log_params({"derived.M": len(bits), "derived.bits": "-".join(map(str, bits)),
@@ -132,7 +124,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     batches = iter(DataLoader(train_ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0))
 
     def payload():
-        return {"model": raw.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        return Ckpt.state("ar", model=raw, opt=opt, sched=sched)
 
     ctx.restore_rng(ckpt)
     bar = ctx.progress(start, t.steps, f"AR {cfg.factorization.name}-{cfg.model.name}")
@@ -171,8 +163,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
     results = {**val_loss(raw, val_ds, acc)}
     results.update(evaluate_generation(cfg, ctx, raw, tokenizer))
     ctx.log(results, t.steps)
-    out = ctx.finish(t.steps, {**last, **results})
-    return {**out, "tokenizer": {"run_dir": tok_info["path"], **tok_info.get("metrics", {})}}
+    return ctx.finish(t.steps, {**last, **results})
 
 
 @torch.no_grad()

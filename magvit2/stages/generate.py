@@ -132,11 +132,11 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     images = torch.empty_like(gathered[:len(labels)])
     images[order] = gathered[:len(labels)]
     from magvit2.data.images import class_names
-    grid = save_sample_grid(images, s.per_class, ctx.run_dir / "samples.png", names=class_names(cfg.data),
+    grid = save_sample_grid(images, s.per_class, ctx.run.samples_grid, names=class_names(cfg.data),
                             title=grid_title(s, ctx.t.steps))
     ctx.tracker.log_artifact(str(grid))
     if s.export_npz:
-        npz = ctx.run_dir / "samples.npz"
+        npz = ctx.run.samples_npz
         M.export_adm_npz(as_numpy_uint8(images), npz)
         ctx.tracker.set_tags({tracking.SAMPLES_NPZ: str(npz)})
     if isinstance(inception, M.Missing):

@@ -9,7 +9,8 @@ import logging
 from pathlib import Path
 
 from magvit2 import config as C
-from magvit2.runs import RunDir
+from magvit2.errors import ConfigError
+from magvit2.runs import Ckpt, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def checkpoint_path(cfg) -> tuple[Path, str]:
         sig = C.tokenizer_signature(cfg)
         run = RunDir.find(cfg.paths.runs, "tokenizer", sig)
         if run is None:
-            raise C.ConfigError(
+            raise ConfigError(
                 f"tokens.tokenizer=auto: no finished tokenizer run with signature {sig} under "
                 f"{Path(cfg.paths.runs) / 'tokenizer'} (deleted, moved or never finished): train it again with "
                 f"`python -m magvit2.train` and this run's settings, or set tokens.tokenizer to a tokenizer "
@@ -33,18 +34,18 @@ def checkpoint_path(cfg) -> tuple[Path, str]:
         try:
             tags = tracking.run_tags(run_id, str(cfg.paths.root), cfg.tracking.uri)
         except Exception as e:
-            raise C.ConfigError(f"tokens.tokenizer={ck}: no such MLflow run ({e}); use a tokenizer run id "
+            raise ConfigError(f"tokens.tokenizer={ck}: no such MLflow run ({e}); use a tokenizer run id "
                                 f"from the magvit2-tokenizer experiment") from e
         rd = tags.get(tracking.RUN_DIR)
         if not rd:
-            raise C.ConfigError(f"tokens.tokenizer={ck}: run {run_id} is not a magvit2 tokenizer run "
+            raise ConfigError(f"tokens.tokenizer={ck}: run {run_id} is not a magvit2 tokenizer run "
                                 f"(no {tracking.RUN_DIR} tag)")
         return RunDir(rd).checkpoint, ck
     p = Path(ck).expanduser()
     if p.is_dir():
         p = RunDir(p).checkpoint
     if not p.is_file():
-        raise C.ConfigError(f"tokens.tokenizer={ck}: file not found; give a tokenizer checkpoint.pt, its run "
+        raise ConfigError(f"tokens.tokenizer={ck}: file not found; give a tokenizer checkpoint.pt, its run "
                             f"dir, runs:/<mlflow run id>, or auto")
     return p, f"path:{p.resolve()}"
 
@@ -62,7 +63,7 @@ def load_tokenizer(cfg):
     from magvit2.build import build_tokenizer
     weights = cfg.tokens.weights
     if weights not in ("raw", "ema"):
-        raise C.ConfigError(f"tokens.weights={weights!r}: use raw (the original's) or ema")
+        raise ConfigError(f"tokens.weights={weights!r}: use raw (the original's) or ema")
     path, source = checkpoint_path(cfg)
     setting = f"tokens.tokenizer={cfg.tokens.tokenizer}"
     model = build_tokenizer(cfg)
@@ -75,21 +76,21 @@ def load_tokenizer(cfg):
         return model, f"{source}:reference:{weights}", {"source": source, "path": str(path), "step": None,
                                                         "metrics": {}, "weights": weights, "reference": True}
     try:
-        if "ema" in ckpt:
-            model.load_state_dict(ckpt["model"])
+        if Ckpt.EMA in ckpt:
+            model.load_state_dict(ckpt[Ckpt.MODEL])
             if weights == "ema":
-                _load_ema(model, ckpt["ema"])
+                _load_ema(model, ckpt[Ckpt.EMA])
         else:
             model.load_state_dict(ckpt.get("state_dict", ckpt))
     except (RuntimeError, KeyError, ValueError) as e:
-        raise C.ConfigError(f"tokens.tokenizer={cfg.tokens.tokenizer}: {path} does not fit "
+        raise ConfigError(f"tokens.tokenizer={cfg.tokens.tokenizer}: {path} does not fit "
                             f"tokenizer={cfg.tokenizer.name} quantizer={C.choices(cfg)['quantizer']} ({e}); use the "
                             f"tokenizer config it was trained with") from e
     model.eval().requires_grad_(False)
-    ident = f"{source}@step{ckpt.get('step', '?')}:{weights}"
+    ident = f"{source}@step{ckpt.get(Ckpt.STEP, '?')}:{weights}"
     st = RunDir(path.parent).read_status()
     metrics = {k: v for k, v in st.get("metrics", {}).items() if k.startswith("eval/")}
-    return model, ident, {"source": source, "path": str(path), "step": ckpt.get("step"), "metrics": metrics,
+    return model, ident, {"source": source, "path": str(path), "step": ckpt.get(Ckpt.STEP), "metrics": metrics,
                           "weights": weights}
 
 
@@ -111,7 +112,7 @@ def init_weights(cfg, model) -> str | None:
     if p.is_dir():
         p = RunDir(p).checkpoint
     if not p.is_file():
-        raise C.ConfigError(f"{setting}: file not found; give a released Open-MAGVIT2 AR .ckpt, an AR run's "
+        raise ConfigError(f"{setting}: file not found; give a released Open-MAGVIT2 AR .ckpt, an AR run's "
                             f"checkpoint.pt or its run dir")
     if p.suffix == ".ckpt":
         from magvit2 import released
@@ -120,9 +121,9 @@ def init_weights(cfg, model) -> str | None:
     from magvit2 import checkpoint
     ckpt = checkpoint.load(p, setting, _REFUSED_FIX.replace("a tokenizer run", "an AR run"))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt[Ckpt.MODEL])
     except (RuntimeError, KeyError) as e:
-        raise C.ConfigError(f"{setting}: {p} does not fit model={cfg.model.name} factorization="
+        raise ConfigError(f"{setting}: {p} does not fit model={cfg.model.name} factorization="
                             f"{C.choices(cfg).get('factorization')} ({str(e).splitlines()[0][:200]}); use the model "
                             f"and factorization it was trained with") from e
-    return f"{p} (step {ckpt.get('step', '?')})"
+    return f"{p} (step {ckpt.get(Ckpt.STEP, '?')})"

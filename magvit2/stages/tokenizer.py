@@ -18,7 +18,8 @@ from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
 from magvit2.models.discriminator import generator_adv_loss, hinge_d_loss
 from magvit2.models.ema import EMA
-from magvit2.runtime.context import RunContext
+from magvit2.runs import Ckpt
+from magvit2.runtime.context import RunContext, train_stage
 from magvit2.metrics.grids import save_grid
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,7 @@ def compiled(t, model):
 
 
 def train_tokenizer(cfg) -> dict:
-    ctx = RunContext(cfg, "tokenizer")
-    done = ctx.acquire()
-    if done:
-        log.info(f"tokenizer {ctx.signature} already finished: {ctx.run_dir}")
-        return {"run_dir": str(ctx.run_dir), "signature": ctx.signature, **done.get("metrics", {})}
-    try:
-        return _train(cfg, ctx)
-    except BaseException as e:
-        if not isinstance(e, SystemExit):
-            ctx.fail(e)
-        raise
+    return train_stage(cfg, "tokenizer", lambda ctx: _train(cfg, ctx), "tokenizer")
 
 
 def _train(cfg, ctx: RunContext) -> dict:
@@ -69,10 +60,9 @@ def _train(cfg, ctx: RunContext) -> dict:
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _step_decay(t.lr_decay_steps))
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"]), disc.load_state_dict(ckpt["disc"]), lecam.load_state_dict(ckpt["lecam"])
-        opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
-        sched_g.load_state_dict(ckpt["sched_g"]), sched_d.load_state_dict(ckpt["sched_d"])
-        start = int(ckpt["step"])
+        Ckpt.restore(ckpt, model=model, disc=disc, lecam=lecam, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g,
+                     sched_d=sched_d)  # the EMA once it is built
+        start = int(ckpt[Ckpt.STEP])
         log.info(f"resuming tokenizer {ctx.signature} at step {start}")
     else:
         n = sum(p.numel() for p in model.parameters())
@@ -94,7 +84,7 @@ def _train(cfg, ctx: RunContext) -> dict:
     # the EMA is built after prepare() moved the model, so its shadow lives on the accelerator too
     ema = EMA(raw, decay=t.ema_decay)
     if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
+        Ckpt.restore(ckpt, ema=ema)
     train_ds = build_dataset(cfg.data, "train", cfg.seed)
     sampler = GlobalBatchSampler(len(train_ds), t.batch_size, cfg.seed, start, acc.process_index,
                                  acc.num_processes, t.grad_accum)
@@ -102,9 +92,8 @@ def _train(cfg, ctx: RunContext) -> dict:
                               persistent_workers=cfg.data.num_workers > 0))
 
     def payload():
-        return {"model": raw.state_dict(), "disc": raw_disc.state_dict(), "lecam": lecam.state_dict(),
-                "ema": ema.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict()}
+        return Ckpt.state("tokenizer", model=raw, disc=raw_disc, lecam=lecam, ema=ema, opt_g=opt_g, opt_d=opt_d,
+                          sched_g=sched_g, sched_d=sched_d)
 
     ctx.restore_rng(ckpt)
     bar = ctx.progress(start, t.steps, "tokenizer")

@@ -1,7 +1,5 @@
-"""Sweep state on disk: what a status table or a dedup check reads (run dirs: magvit2.runs).
-
-sweeps/<id>/sweep.json  members (overrides, stage, signature, run_dir, the shared tokenizer run they train first),
-                        the swept axes and the SLURM job ids the members were sent as
+"""Sweep state: what a status table or a dedup check reads from the sweep dir (sweep.json: magvit2.runs.SweepDir),
+the members' run dirs (magvit2.runs.RunDir) and the SLURM queue.
 
 A sweep table adds what only the SLURM queue knows: queued (job waits), starting (job runs, run not open yet),
 died (job left the queue unfinished: killed, out of memory, node failure), stopped (preempted, not requeued;
@@ -11,20 +9,16 @@ job waits for the tokenizer another member trains).
 from __future__ import annotations
 
 import fcntl
-import json
 import subprocess
 import statistics
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from magvit2 import config as C
 from magvit2.metrics import registry
-from magvit2.runs import RunDir, atomic_write_text, read_json
+from magvit2.runs import RunDir, SweepDir
 from magvit2.runtime.tracker import tokenizer_run_name
-
-_RECORDED = ("member", "overrides", "stage", "signature", "run_dir", "steps", "tokenizer")
 
 
 def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
@@ -39,24 +33,6 @@ def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
         row["tokenizer"] = {"name": tokenizer_run_name(cfg, tok.signature), "run_dir": str(tok),
                             "steps": int(cfg.trainer.tokenizer.steps)}
     return row
-
-
-def write_sweep(sweep_dir: Path, sid: str, arguments: list[str], rows: list[dict], parent_run: str,
-                hydra_dir: str, launcher: str, tracking_uri: str, axes: dict | None = None) -> None:
-    old = read_json(Path(sweep_dir) / "sweep.json", {}) or {}
-    doc = {"id": sid, "arguments": arguments, "parent_run_id": parent_run, "tracking_uri": tracking_uri,
-           "launcher": launcher, "hydra_dirs": sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}),
-           "jobs": old.get("jobs", {}), "axes": axes or old.get("axes", {}), "submitted": time.time(),
-           "members": [{k: r[k] for k in _RECORDED if k in r} for r in rows]}
-    atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
-
-
-def record_jobs(sweep_dir: Path, jobs: dict[str, str]) -> None:
-    """Remember the job each member (by run dir) was just submitted as, before waiting on any of them."""
-    doc = read_json(Path(sweep_dir) / "sweep.json", None)
-    if doc is not None and jobs:
-        doc["jobs"].update(jobs)
-        atomic_write_text(Path(sweep_dir) / "sweep.json", json.dumps(doc, indent=1))
 
 
 TERMINAL = ("finished", "failed", "diverged")
@@ -80,7 +56,7 @@ def queue_states(job_ids: list[str]) -> dict[str, str] | None:
 
 def refresh(sweep_dir: Path) -> list[dict]:
     """Member rows from the run dirs; on SLURM the queue refines what the run dirs cannot know yet (or any more)."""
-    doc = read_json(Path(sweep_dir) / "sweep.json", None)
+    doc = SweepDir(sweep_dir).read()
     if doc is None:
         raise FileNotFoundError(f"no sweep recorded at {sweep_dir}")
     rows = []

@@ -14,19 +14,20 @@ import sys
 import time
 from pathlib import Path
 
-from magvit2.runs import read_json
+from magvit2.runs import SweepDir
 from magvit2.sweep import state, summary
 
 
 def find_sweep(ref: str, root: Path) -> Path:
     p = Path(ref)
-    if (p / "sweep.json").exists():
+    if SweepDir(p).exists():
         return p
-    cands = sorted((root / "sweeps").glob(f"{ref}*")) if (root / "sweeps").exists() else []
+    sweeps = SweepDir.folder(root)
+    cands = sorted(sweeps.glob(f"{ref}*")) if sweeps.exists() else []
     if len(cands) == 1:
         return cands[0]
-    known = ", ".join(c.name for c in sorted((root / "sweeps").glob("*"))) if (root / "sweeps").exists() else "none"
-    raise SystemExit(f"error: no single sweep matches {ref!r} under {root / 'sweeps'} (known: {known}); give a sweep "
+    known = ", ".join(c.name for c in sorted(sweeps.glob("*"))) if sweeps.exists() else "none"
+    raise SystemExit(f"error: no single sweep matches {ref!r} under {sweeps} (known: {known}); give a sweep "
                      f"id or dir, and --root if paths.root was not ./outputs")
 
 
@@ -46,7 +47,7 @@ def member_logs(row: dict, root: Path) -> list[Path]:
 
 def close_parent_run(sweep_dir: Path, rows: list[dict]) -> str | None:
     """FINISHED/FAILED on the sweep's MLflow parent run once no member can change any more; returns the status."""
-    doc = read_json(sweep_dir / "sweep.json", {})
+    doc = SweepDir(sweep_dir).read({})
     if not doc.get("parent_run_id") or not doc.get("tracking_uri") or any(
             r["state"] not in state.ENDED for r in rows):
         return None
@@ -66,14 +67,14 @@ def list_sweeps(root: Path) -> int:
     """One line per sweep under root: id, members, state counts, launcher, when it was last submitted."""
     from tabulate import tabulate
     table = []
-    for d in sorted((root / "sweeps").glob("*"), key=os.path.getmtime) if (root / "sweeps").exists() else []:
-        doc = read_json(d / "sweep.json", None)
+    for d in SweepDir.under(root):
+        doc = d.read(None)
         if doc is None:
             continue
         rows = state.refresh(d)
         ended = all(r["state"] in state.ENDED for r in rows)
-        table.append([d.name, len(rows), "ended" if ended else "active", _counts(rows), doc.get("launcher", ""),
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(d / "sweep.json")))])
+        table.append([d.id, len(rows), "ended" if ended else "active", _counts(rows), doc.get("launcher", ""),
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(d.written()))])
     if not table:
         print(f"no sweeps under {root / 'sweeps'}")
         return 0
@@ -91,7 +92,7 @@ def cancel_sweep(sweep_dir: Path) -> int:
         if p.returncode != 0:
             print(f"error: scancel {' '.join(jobs)} failed: {p.stderr.strip()}", file=sys.stderr)
             return 1
-    doc = read_json(sweep_dir / "sweep.json", {})
+    doc = SweepDir(sweep_dir).read({})
     if doc.get("parent_run_id") and doc.get("tracking_uri"):
         from magvit2 import tracking
         tracking.end_if_running(doc["parent_run_id"], "KILLED", doc["tracking_uri"])

@@ -4,8 +4,8 @@ device-hours as metrics, a description naming the swept axes)."""
 from __future__ import annotations
 
 from magvit2.metrics import registry
-from magvit2.runs import RunDir, read_json
-from magvit2.runtime.tracker import clock_seconds, run_seconds
+from magvit2.runs import RunDir, SweepDir
+from magvit2.runs.status import clock_seconds
 from magvit2.sweep import state
 
 # What device-hours count, said wherever they are shown.
@@ -21,8 +21,7 @@ def device_hours(rows: list[dict]) -> tuple[float, int]:
 
 def run_device_hours(run_dir) -> float:
     """One run's device-hours from its status.json (also logged by the run itself as compute/device_hours)."""
-    st = RunDir(run_dir).read_status()
-    return run_seconds(st) * int(st.get("world_size") or 1) / 3600
+    return RunDir(run_dir).device_hours()
 
 
 def usage_line(wall_s: float, rows: list[dict]) -> str:
@@ -57,7 +56,7 @@ def axes_text(axes: dict) -> str:
 def record(sweep_dir, rows: list[dict], wall_s: float) -> None:
     """Write the summary onto the sweep's MLflow parent run (in the store recorded in sweep.json)."""
     from magvit2 import tracking
-    doc = read_json(sweep_dir / "sweep.json", {})
+    doc = SweepDir(sweep_dir).read({})
     if not doc.get("parent_run_id") or not doc.get("tracking_uri"):
         return
     hours, n = device_hours(rows)
@@ -85,7 +84,7 @@ def record(sweep_dir, rows: list[dict], wall_s: float) -> None:
 
 def wall_since_submission(sweep_dir, rows: list[dict]) -> float:
     """A detached sweep's wall time: from its (last) submission to the last status write of a member."""
-    doc = read_json(sweep_dir / "sweep.json", {})
+    doc = SweepDir(sweep_dir).read({})
     ends = [clock_seconds(RunDir(r["run_dir"]).read_status().get("updated")) for r in rows]
     ends = [t for t in ends if t is not None]
     return max(0.0, max(ends) - doc["submitted"]) if ends and doc.get("submitted") else 0.0

@@ -24,6 +24,7 @@ from hydra.plugins.sweeper import Sweeper
 
 from magvit2 import config as C
 from magvit2.errors import TrackingError
+from magvit2.runs import SweepDir
 from magvit2.sweep import state, summary
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Magvit2Sweeper(Sweeper):
         members, rows, axes = plan(self.hydra_context.config_loader, self.config, arguments)
         sid = self.config.sweep.id or sweep_id_for(rows)
         dry = bool(self.config.get("dry_run", False))
-        sweep_dir = Path(self.config.paths.root) / "sweeps" / sid
+        sweep_dir = SweepDir.of(self.config.paths.root, sid).path
         _overlay_earlier_jobs(sweep_dir, rows)
         print(state.format_members(rows, title=f"sweep {sid}: {len(rows)} members"
                                    + (" (dry run: nothing trained)" if dry else "")))
@@ -143,8 +144,8 @@ def open_sweep(config, launcher, sweep_dir: Path, sid: str, arguments: List[str]
     parent = tracking.ensure_sweep_run(f"{config.tracking.experiment_prefix}-{stage}", root, sid, stage,
                                        " ".join(arguments), len(rows), members=sigs)
     kind = getattr(launcher, "_EXECUTOR", "basic")  # submitit launchers: "slurm" | "local"
-    state.write_sweep(sweep_dir, sid, arguments, rows, parent, str(config.hydra.sweep.dir), kind,
-                      os.environ["MLFLOW_TRACKING_URI"], axes)
+    SweepDir(sweep_dir).write(sid, arguments, rows, parent, str(config.hydra.sweep.dir), kind,
+                              os.environ["MLFLOW_TRACKING_URI"], axes)
     return parent
 
 
@@ -161,7 +162,7 @@ def launch(launcher, sweep_dir: Path, sid: str, parent: str, todo: List[tuple], 
         for idx in range(0, len(jobs), n):
             run_dirs = [r["run_dir"] for _, r in todo[idx:idx + n]]
             if hasattr(launcher, "on_submit"):
-                launcher.on_submit = lambda ids, d=run_dirs: state.record_jobs(sweep_dir, dict(zip(d, ids)))
+                launcher.on_submit = lambda ids, d=run_dirs: SweepDir(sweep_dir).record_jobs(dict(zip(d, ids)))
             results.append(launcher.launch(jobs[idx:idx + n], initial_job_idx=idx))
     except BaseException:
         tracking.finish_sweep_run(parent, "FAILED")
@@ -199,7 +200,7 @@ def close(sweep_dir: Path, sid: str, parent: str, results: list, root: str) -> N
 def _overlay_earlier_jobs(sweep_dir: Path, rows: List[dict]) -> None:
     """If this sweep was submitted before, take each member's state from its earlier job as well (queued, running,
     died, ...), so members whose jobs are still alive are not submitted twice."""
-    if (sweep_dir / "sweep.json").exists():
+    if SweepDir(sweep_dir).exists():
         earlier = {r["run_dir"]: r for r in state.refresh(sweep_dir)}
         for r in rows:
             e = earlier.get(r["run_dir"])

@@ -7,129 +7,51 @@ rng-<rank>-<step>.pt     every rank's RNG state at those two checkpoints (rank 0
 metrics.jsonl            MLflow writes spooled while the tracking server was unreachable (magvit2.tracking)
 .<name>.tmp-<pid>-*      a write in progress; one left by a killed writer is removed when the run dir is next opened
 status.json              {state: new|partial|running|finished|failed|diverged|preempted, step, metrics, ...}
+                         (its fields, time format, wall time and device-hours: magvit2.runs.status)
 config.yaml, results.json  the resolved config; the final metrics
+recon_grid.png           the tokenizer's reconstructions (originals above, reconstructions below)
+samples.png, samples.npz   the AR's sample grid; its samples in the ADM evaluator's layout (sampling.export_npz)
 <run dir>.lock           one process trains a run dir at a time
+
+checkpoint.pt's keys are Ckpt's: the stage's state dicts (Ckpt.STATE), then what RunContext.save and RunDir.save add.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import logging
 import os
-import re
-import socket
-import time
 from pathlib import Path
 
-from magvit2.errors import ConfigError, StorageError
-from magvit2.tempfiles import mkstemp
+from magvit2.errors import ConfigError
+import magvit2.runs.status as status_json
+from magvit2.runs.files import atomic_write, atomic_write_text, write_json
+from magvit2.runs.lock import FileLock
 
 log = logging.getLogger(__name__)
 
 
-def slurm_job_id() -> str:
-    """The job as squeue and sacct name it: `<array job>_<task>` in a job array, else the job id ('' outside)."""
-    e = os.environ
-    if e.get("SLURM_ARRAY_JOB_ID") and e.get("SLURM_ARRAY_TASK_ID"):
-        return f"{e['SLURM_ARRAY_JOB_ID']}_{e['SLURM_ARRAY_TASK_ID']}"
-    return e.get("SLURM_JOB_ID", "")
+class Ckpt:
+    """The keys of a run's checkpoint.pt. A training loop writes its stage's STATE through state() and reads it back
+    through restore(); whoever reads another run's checkpoint (an AR's tokenizer, model.init_from, evaluate,
+    convert) reads MODEL, EMA and STEP."""
+    STATE = {"tokenizer": ("model", "disc", "lecam", "ema", "opt_g", "opt_d", "sched_g", "sched_d"),
+             "ar": ("model", "opt", "sched")}
+    MODEL, EMA = "model", "ema"
+    STEP, RNG, SIGNATURE = "step", "rng", "signature"  # RunDir.save
+    MLFLOW_RUN_ID = "mlflow_run_id"  # RunContext.save: a resumed run reopens its MLflow run
 
+    @classmethod
+    def state(cls, stage: str, **parts) -> dict:
+        """{key: part.state_dict()} of every key of the stage's STATE, in its order; a part missing or extra is
+        a bug, not a checkpoint."""
+        if set(parts) != set(cls.STATE[stage]):
+            raise KeyError(f"{stage} checkpoint parts {sorted(parts)} != {sorted(cls.STATE[stage])}")
+        return {k: parts[k].state_dict() for k in cls.STATE[stage]}
 
-_ROOT_SETTING = "paths.root (or MAGVIT2_ROOT)"
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def storage_error(e: OSError, path) -> OSError:
-    """A full disk or a read-only folder as a StorageError (one line: the path and the setting to change); any other
-    OSError as it is."""
-    if e.errno in _FULL:
-        return StorageError(f"no space left to write {path} ({os.strerror(e.errno)}): free space on that file "
-                            f"system or point {_ROOT_SETTING} at a disk with room; the run can then be started again "
-                            f"and resumes from its last checkpoint")
-    if e.errno in _READ_ONLY:
-        return StorageError(f"cannot write {path} ({os.strerror(e.errno)}): training writes its run dir under "
-                            f"{_ROOT_SETTING}; point it at a writable folder (finished runs can still be read where "
-                            f"they are)")
-    return e
-
-
-def tmp_prefix(path: Path) -> str:
-    """Prefix of the temp files of a write to `path` in progress: `.<name>.tmp-<pid>-`."""
-    return f".{Path(path).name}.tmp-{os.getpid()}-"
-
-
-def atomic_write(path: Path, write, mode: str = "w", keep_old: Path | None = None) -> None:
-    """write(f) into a temp file next to `path`, fsync, rename over it: readers see the old file or the new one
-    (keep_old: the old file is first renamed to it). The temp file goes on any failure; a full disk or a read-only
-    folder raises StorageError naming `path`."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = mkstemp(path.parent, tmp_prefix(path))  # 0666 less the umask, as open() would
-        try:
-            with os.fdopen(fd, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            if keep_old is not None and path.exists():
-                os.replace(path, keep_old)
-            os.replace(tmp, path)
-            tmp = None
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-    except OSError as e:
-        err = storage_error(e, path)
-        if err is e:
-            raise
-        raise err from e
-    except RuntimeError as e:  # torch.save reports a full disk as RuntimeError("... error code: 28 ...")
-        if re.search(r"No space left on device|error code: 28\b|errno 28\b", str(e), re.I):
-            raise storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from e
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return default
-
-
-class FileLock:
-    """An flock on `<path>.lock`, shared by every process that sees the file system (a sweep's jobs)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(str(path) + ".lock")
-        self.fd = None
-
-    def __enter__(self) -> "FileLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = open(self.path, "a")
-        except OSError as e:  # a read-only root: one line naming paths.root, not a traceback
-            err = storage_error(e, self.path)
-            if err is e:
-                raise
-            raise err from e
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info(f"waiting for {self.path.parent.name}/{self.path.stem}: another process is working on it")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        self.fd.close()
-        self.fd = None
+    @staticmethod
+    def restore(ckpt: dict, **parts) -> None:
+        """part.load_state_dict(ckpt[key]) for each part, in the order given (the loop decides when each loads)."""
+        for k, part in parts.items():
+            part.load_state_dict(ckpt[k])
 
 
 class RunDir:
@@ -140,7 +62,7 @@ class RunDir:
     @classmethod
     def of(cls, cfg, stage: str | None = None) -> "RunDir":
         """The run dir of `cfg`'s run of `stage` (default cfg.stage), from its signature."""
-        from magvit2 import config as C
+        from magvit2 import config as C  # deferred: omegaconf and the config layer, which readers of runs/ skip
         return cls(C.run_dir(cfg, stage))
 
     @classmethod
@@ -170,6 +92,9 @@ class RunDir:
     status = property(lambda self: self.path / "status.json")
     config = property(lambda self: self.path / "config.yaml")
     results = property(lambda self: self.path / "results.json")
+    recon_grid = property(lambda self: self.path / "recon_grid.png")
+    samples_grid = property(lambda self: self.path / "samples.png")
+    samples_npz = property(lambda self: self.path / "samples.npz")
 
     def rng(self, rank: int, step: int) -> Path:
         # one file per rank and step: a crash between a rank's RNG file and rank 0's checkpoint rename must not
@@ -202,22 +127,22 @@ class RunDir:
                      f"{', '.join(p.name for p in gone)}")
         return gone
 
-    # status ----------------------------------------------------------------------------------------------------
+    # status (magvit2.runs.status) ---------------------------------------------------------------------------------
     def read_status(self) -> dict:
-        st = read_json(self.status, None)
-        if st is None:
-            st = {"state": "partial" if self.has_checkpoint() else "new", "step": 0, "metrics": {}}
-        return st
+        return status_json.read(self.status, self.has_checkpoint())
 
     def write_status(self, **fields) -> dict:
-        st = self.read_status()
-        now = time.time()  # updated: for people; updated_s: epoch seconds, for wall times below 1 s resolution
-        st.update(fields, host=socket.gethostname(), updated=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)),
-                  updated_s=now)
-        if os.environ.get("SLURM_JOB_ID"):
-            st["slurm_job_id"] = slurm_job_id()
-        atomic_write_text(self.status, json.dumps(st, indent=1, default=str))
-        return st
+        return status_json.write(self.status, self.read_status(), **fields)
+
+    def start_attempt(self, **fields) -> dict:
+        """Start this attempt's wall clock (the run's wall time and device-hours), keeping earlier attempts'."""
+        return self.write_status(**status_json.attempt_fields(self.read_status()), **fields)
+
+    def wall_seconds(self) -> float:
+        return status_json.run_seconds(self.read_status())
+
+    def device_hours(self) -> float:
+        return status_json.device_hours(self.read_status())
 
     def finished(self) -> dict | None:
         """The status of a finished run, else None."""
@@ -229,7 +154,7 @@ class RunDir:
         atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
 
     def write_results(self, results: dict) -> None:
-        atomic_write_text(self.results, json.dumps(results, indent=1, default=str))
+        write_json(self.results, results)
 
     # checkpoint + RNG ------------------------------------------------------------------------------------------
     def save(self, step: int, payload: dict, rank: int = 0, barrier=lambda: None) -> None:
@@ -237,14 +162,14 @@ class RunDir:
         to a temp file, the old checkpoint renamed to checkpoint.prev.pt and the new one renamed into place, then the
         RNG files of steps older than those two go. Call on every rank. A full disk raises StorageError naming the
         file; the temp file is removed and the checkpoints on disk stay as they were."""
-        import torch
+        import torch  # deferred: torch (heavy); runs/ is read by commands that never load a checkpoint
 
-        from magvit2.checkpoint import rng_state
+        from magvit2.checkpoint import rng_state  # deferred: torch
         rng, rng_path = rng_state(), self.rng(rank, step)
         atomic_write(rng_path, lambda f: torch.save(rng, f), "wb")
         barrier()
         if rank == 0:
-            payload = {**payload, "step": step, "rng": rng, "signature": self.signature}
+            payload = {**payload, Ckpt.STEP: step, Ckpt.RNG: rng, Ckpt.SIGNATURE: self.signature}
             # the old checkpoint becomes checkpoint.prev.pt just before the new one is renamed into place: at every
             # moment checkpoint.pt or checkpoint.prev.pt is a whole checkpoint (load_resume tries both)
             atomic_write(self.checkpoint, lambda f: torch.save(payload, f), "wb", keep_old=self.prev_checkpoint)
@@ -289,7 +214,7 @@ class RunDir:
                 errors.append(e)
                 continue
             if errors:
-                log.warning(f"resuming {self.stage} {self.signature} from {path.name} (step {ckpt.get('step')}): "
+                log.warning(f"resuming {self.stage} {self.signature} from {path.name} (step {ckpt.get(Ckpt.STEP)}): "
                             f"the newer checkpoint.pt does not load")
                 self.unreadable = True
             elif path != self.checkpoint:
@@ -302,14 +227,14 @@ class RunDir:
     def load(self, path: Path | None = None, fix: str = "delete the run dir to train this run again (run dirs of "
              "an older magvit2 hold pickled RNG state, which is not loaded)") -> dict:
         """A file of this run dir (default the checkpoint), loaded as tensors and plain values only."""
-        from magvit2 import checkpoint
+        from magvit2 import checkpoint  # deferred: torch
         return checkpoint.load(path or self.checkpoint, f"run dir {self.path}", fix)
 
     def load_rng(self, rank: int, ckpt: dict) -> dict:
         """This rank's RNG state at `ckpt` (rank 0's, inside the checkpoint, if its own file is missing)."""
-        path = self.rng(rank, int(ckpt["step"]))
+        path = self.rng(rank, int(ckpt[Ckpt.STEP]))
         if path.exists():
             return self.load(path)
         if rank > 0:
             log.warning(f"{path.name} missing: rank {rank} resumes with rank 0's RNG state")
-        return ckpt["rng"]
+        return ckpt[Ckpt.RNG]
