@@ -134,7 +134,7 @@ def test_run_dirs_from_before_the_schema_keep_their_signature_and_are_found_fini
     stored = tmp_path / "runs" / run["stage"] / run["signature"]
     cfg = cfg_of(tmp_path, *run["overrides"])
     assert C.signature(cfg) == run["signature"]  # today's composition: the same signature
-    assert RunDir.of(cfg).path == stored and RunDir.find(tmp_path / "runs", run["stage"], run["signature"])
+    assert RunDir(C.run_dir(cfg)).path == stored and RunDir.find(tmp_path / "runs", run["stage"], run["signature"])
     from magvit2.sweep.state import describe_member
     assert describe_member(cfg, list(run["overrides"]))["state"] == "finished"
     old = C.load(stored)  # the stored config, migrated: still its signature, and today's names

@@ -117,7 +117,7 @@ def test_auto_tokenizer_is_found_never_trained(tmp_path):
     with pytest.raises(ConfigError, match="tokens.tokenizer=auto: no finished tokenizer run"):
         checkpoint_path(cfg)
     assert not (tmp_path / "runs").exists()
-    tok = RunDir.of(cfg, "tokenizer")
+    tok = RunDir(C.run_dir(cfg, "tokenizer"))
     tok.write_status(state="finished")
     assert checkpoint_path(cfg) == (tok.checkpoint, f"auto:{C.tokenizer_signature(cfg)}")
 

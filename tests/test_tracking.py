@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow_server import sqlite_root  # noqa: F401 - fixture
 
+from magvit2 import config as C
 from magvit2 import tracking
 from magvit2.errors import TrackingError
 from magvit2.tracking import MemberRun, ensure_sweep_run, finish_sweep_run, flatten, get_experiment_id
@@ -287,7 +288,7 @@ def test_a_sweep_member_and_the_tokenizer_it_trains_first(sqlite_root, monkeypat
     runs = {}
     for stage in ("tokenizer", "ar"):  # as stages/pipeline.py runs them: the tokenizer with stage=tokenizer merged
         c = OmegaConf.merge(cfg, {"stage": stage})
-        rd = RunDir.of(c)
+        rd = RunDir(C.run_dir(c))
         tr = open_member_run(c, stage, rd, 1, None)
         RunStatus(rd).opened(2, 1, "cpu", tr.run_id)  # as RunContext.open does next
         tr.end()

@@ -60,12 +60,6 @@ class RunDir:
         self.unreadable = False  # load_resume skipped an unreadable checkpoint.pt
 
     @classmethod
-    def of(cls, cfg, stage: str | None = None) -> "RunDir":
-        """The run dir of `cfg`'s run of `stage` (default cfg.stage), from its signature."""
-        from magvit2 import config as C  # deferred: omegaconf and the config layer, which readers of runs/ skip
-        return cls(C.run_dir(cfg, stage))
-
-    @classmethod
     def find(cls, runs: Path, stage: str, signature: str) -> "RunDir | None":
         """The finished run of `stage` with this signature under `runs` (paths.runs), else None."""
         rd = cls(Path(runs) / stage / signature)

@@ -11,6 +11,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from magvit2 import config as C
 from magvit2.checkpoint import set_rng_state
 from magvit2.errors import Diverged
 from magvit2.runs import Ckpt, RunDir, storage_error
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class RunContext:
     def __init__(self, cfg: DictConfig, stage: str):
         self.cfg, self.stage, self.t = cfg, stage, cfg.trainer[stage]
-        self.run = RunDir.of(cfg, stage)
+        self.run = RunDir(C.run_dir(cfg, stage))
         self.acc = dist.make_accelerator(self.t.precision, self.t.grad_accum)
         self.is_main = self.acc.is_main_process
         self.preempt = Preemption()

@@ -22,14 +22,14 @@ from magvit2.runtime.tracker import tokenizer_run_name
 
 
 def describe_member(cfg: DictConfig, overrides: list[str]) -> dict:
-    rd = RunDir.of(cfg)
+    rd = RunDir(C.run_dir(cfg))
     st = rd.read_status()
     row = {"member": C.member_name(cfg), "overrides": [o for o in overrides if not o.startswith("sweep.")],
            "stage": cfg.stage, "signature": rd.signature, "run_dir": str(rd), "state": st["state"],
            "step": st.get("step", 0), "steps": int(cfg.trainer[cfg.stage].steps), "metrics": st.get("metrics", {}),
            "slurm_job_id": st.get("slurm_job_id")}
     if cfg.stage == "ar" and cfg.tokens.tokenizer in (None, "auto"):  # trained first (once) by whichever job locks it
-        tok = RunDir.of(cfg, "tokenizer")
+        tok = RunDir(C.run_dir(cfg, "tokenizer"))
         row["tokenizer"] = {"name": tokenizer_run_name(cfg, tok.signature), "run_dir": str(tok),
                             "steps": int(cfg.trainer.tokenizer.steps)}
     return row
