@@ -70,6 +70,8 @@ ROWS = (
     Metric("eval/ssim", "SSIM (Gaussian 11x11)", fmt=".3f", better="higher", n=_IMG, table="tokenizer",
            note="torchmetrics'"),
     Metric("eval/lpips", "LPIPS", fmt=".3f", better="lower", n=_IMG, table="tokenizer", note="VGG16 trunk"),
+    Metric("eval/lpips_alex", "LPIPS-Alex", fmt=".3f", better="lower", n=_IMG, table="tokenizer", if_logged=True,
+           note="AlexNet trunk (metrics.protocol=reference reports both, as the original)"),
     Metric("eval/n_images", "N img", fmt=",.0f", kind=COUNT, table="tokenizer", seeds="constant", noun="images"),
     Metric("eval/utilization", "utilization (%)", "%", ".2f", "higher", 100.0, _TOK, table="tokenizer",
            note="share of the codebook's codes used"),

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from magvit2 import metrics as M
 from magvit2 import tracking
+from magvit2.metrics import protocol as P
 from magvit2.config import sampler_settings, subtoken_values
 from magvit2.errors import ConfigError
 from magvit2.metrics.grids import as_numpy_uint8, save_grid
@@ -116,7 +117,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
     res = {"eval/n_samples": float(len(labels)), "compute/sample_images_per_s": len(labels) / max(secs, 1e-9)}
     if not isinstance(inception, M.Missing):  # all ranks: torchmetrics all-reduces the states in compute()
-        gm = M.GenerationMetrics(inception, device=acc.device, precision_recall=prc)
+        gm = M.GenerationMetrics(inception, device=acc.device, precision_recall=prc, protocol=cfg.metrics.protocol)
         val = build_dataset(cfg.data, "val", cfg.seed)
         mine_val = list(range(acc.process_index, len(val), acc.num_processes))
         for i in range(0, len(mine_val), 64):
@@ -137,7 +138,7 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
     ctx.tracker.log_artifact(str(grid))
     if s.export_npz:
         npz = ctx.run.samples_npz
-        M.export_adm_npz(as_numpy_uint8(images), npz)
+        M.export_adm_npz(as_numpy_uint8(images, P.get(cfg.metrics.protocol).to_uint8), npz)
         ctx.tracker.set_tags({tracking.SAMPLES_NPZ: str(npz)})
     if isinstance(inception, M.Missing):
         for k in ("eval/fid", "eval/is") + (("eval/precision", "eval/recall") if prc else ()):
@@ -148,6 +149,6 @@ def evaluate_generation(cfg, ctx, model, tokenizer) -> dict:
             ctx.tracker.log_missing(f"eval/{k}", v.reason)
         else:
             res[f"eval/{k}"] = float(v)
-    ctx.tracker.set_tags({tracking.FID_PROTOCOL: f"in-loop: {len(labels)} samples ({s.per_class} per class) vs "
+    ctx.tracker.set_tags({tracking.METRICS_PROTOCOL: cfg.metrics.protocol, tracking.FID_PROTOCOL: f"in-loop: {len(labels)} samples ({s.per_class} per class) vs "
                           f"{int(out['n_real'])} val images; not the paper's gFID (50k vs the ADM reference batch)"})
     return res

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from magvit2 import metrics as M
+from magvit2 import tracking
+from magvit2.metrics import protocol as P
 from magvit2.build import build_dataset, build_discriminator, build_tokenizer
 from magvit2.data.images import skipped_images
 from magvit2.data.sampler import GlobalBatchSampler
@@ -162,9 +164,11 @@ def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool
     idx = list(range(acc.process_index, len(ds), acc.num_processes))
     loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=32, num_workers=cfg.data.num_workers)
     # every rank accumulates its shard; torchmetrics all-reduces the states in compute() (called on all ranks)
-    inception = M.inception_from_config(cfg.metrics)  # path, hub cache, then download
+    proto = P.get(cfg.metrics.protocol)  # the network and the arithmetic: metrics/protocol.py
+    inception = M.inception_from_config(cfg.metrics, kind=proto.rfid_input)  # path, hub cache, then download
+    alex = M.lpips_from_config(cfg.metrics, "alex") if "alex" in proto.lpips_nets else None
     rm = M.ReconstructionMetrics(raw.quantizer.codebook_size, lpips_model=lpips_model, inception=inception,
-                                 device=acc.device)
+                                 device=acc.device, protocol=proto.name, lpips_alex=alex)
     was_training = raw.training
     raw.eval()
     with ema.swap(raw):
@@ -172,6 +176,7 @@ def evaluate(cfg, ctx: RunContext, raw, ema: EMA, lpips_model, save_images: bool
     raw.train(was_training)
     if not ctx.is_main:
         return {}
+    ctx.tracker.set_tags({tracking.METRICS_PROTOCOL: proto.name})
     res = {}
     for k, v in out.items():
         if isinstance(v, M.Missing):

@@ -14,7 +14,8 @@ import importlib
 
 from magvit2.errors import TrackingError
 from magvit2.tracking.schema import (BEST_PREFIX, CHECKPOINT, EXPERIMENT_KIND, FID_PROTOCOL, GIT_SHA, HOST, KIND,
-                                     MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, MEMBERS, MISSING_PREFIX, MODEL_TRAINING,
+                                     MAX_KEY, MAX_PARAM_VALUE, MAX_TAG_VALUE, MEMBERS, METRICS_PROTOCOL, MISSING_PREFIX,
+                                     MODEL_TRAINING,
                                      N_MEMBERS, N_RESUMES, NOTE, OVERRIDES, PARAMS_OVERFLOW, PARENT_RUN_ID, REFERENCE,
                                      RUN_DIR, RUN_STATE, SAMPLES_NPZ, SEE_PARAMS, SEE_TAGS, SIGNATURE, SLURM_JOB_ID,
                                      STAGE, SWEEP_ID, TAGS_OVERFLOW, TOKENIZER, WORLD_SIZE, check_id, flatten, missing)
@@ -39,7 +40,7 @@ def __dir__() -> list[str]:
 
 __all__ = ["TrackingError", *(n for names in _LAZY.values() for n in names),
            "BEST_PREFIX", "CHECKPOINT", "EXPERIMENT_KIND", "FID_PROTOCOL", "GIT_SHA", "HOST", "KIND", "MAX_KEY",
-           "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MEMBERS", "MISSING_PREFIX", "MODEL_TRAINING", "N_MEMBERS", "N_RESUMES",
+           "MAX_PARAM_VALUE", "MAX_TAG_VALUE", "MEMBERS", "METRICS_PROTOCOL", "MISSING_PREFIX", "MODEL_TRAINING", "N_MEMBERS", "N_RESUMES",
            "NOTE", "OVERRIDES", "PARAMS_OVERFLOW", "PARENT_RUN_ID", "REFERENCE", "RUN_DIR", "RUN_STATE", "SAMPLES_NPZ",
            "SEE_PARAMS", "SEE_TAGS", "SIGNATURE", "SLURM_JOB_ID", "STAGE", "SWEEP_ID", "TAGS_OVERFLOW", "TOKENIZER",
            "WORLD_SIZE", "check_id", "flatten", "missing"]

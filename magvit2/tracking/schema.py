@@ -35,6 +35,7 @@ HOST, SLURM_JOB_ID, GIT_SHA, RUN_DIR, WORLD_SIZE = (  # where a member runs
     "magvit2.host", "magvit2.slurm_job_id", "magvit2.git_sha", "magvit2.run_dir", "magvit2.world_size")
 CHECKPOINT, TOKENIZER, SAMPLES_NPZ, FID_PROTOCOL = (  # what a member produced or used
     "magvit2.checkpoint", "magvit2.tokenizer", "magvit2.samples_npz", "magvit2.fid_protocol")
+METRICS_PROTOCOL = "magvit2.metrics_protocol"  # how images became numbers (metrics/protocol.py: reference | precise)
 RUN_STATE = "magvit2.state"  # set when a run ends other than MLflow's statuses say (diverged)
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own: nests member runs under the sweep run in the UI
 NOTE = "mlflow.note.content"  # MLflow's own: the description of a run (a sweep run's: axes, winner) or experiment
