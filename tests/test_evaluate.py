@@ -254,7 +254,18 @@ def test_precomputed_reference_statistics_give_the_images_fid():
     assert by_stats.compute()["fid"] == pytest.approx(by_images.compute()["fid"], rel=1e-6)
 
 
-def test_adm_batch_gives_fid_by_its_stats_and_precision_recall_by_its_streamed_images(tmp_path, monkeypatch):
+def _frechet(a: np.ndarray, b_mu: np.ndarray, b_sigma: np.ndarray) -> float:
+    """The Frechet distance by its definition (numpy + scipy), independent of torchmetrics."""
+    import scipy.linalg
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma @ b_sigma).real
+    return float(((mu - b_mu) ** 2).sum() + np.trace(sigma + b_sigma - 2 * covmean))
+
+
+def test_adm_batch_fid_from_its_images_and_a_second_from_its_stats(tmp_path):
+    """An ADM batch with images: FID from those images through the samples' own Inception (one implementation per
+    number), and beside it the FID against the batch's precomputed mu / sigma; both equal scipy's Frechet
+    distance of the same features."""
     from argparse import Namespace
 
     from magvit2.evaluate import ar
@@ -266,21 +277,26 @@ def test_adm_batch_gives_fid_by_its_stats_and_precision_recall_by_its_streamed_i
     fake = torch.cat([near, torch.randint(0, 100, (13, 3, 8, 8), dtype=torch.uint8)])  # half near, half a dark mode
     direct = GenerationMetrics(net, is_splits=1, precision_recall=True)  # the images themselves
     direct.update_real(real)
-    f = net(real)[:, :8].double()
+    fr, ff = net(real)[:, :8].double().numpy(), net(fake)[:, :8].double().numpy()
+    mu, sigma = fr.mean(0) + 0.5, np.cov(fr, rowvar=False) * 1.5  # stats another pipeline computed: they differ
     batch = tmp_path / "VIRTUAL_batch.npz"  # the ADM layout: images and their statistics
-    np.savez(batch, arr_0=real.permute(0, 2, 3, 1).numpy(), mu=f.mean(0).numpy(), sigma=torch.cov(f.T).numpy())
-    a = Namespace(ref_batch=batch, ref_dir=None)
+    np.savez(batch, arr_0=real.permute(0, 2, 3, 1).numpy(), mu=mu, sigma=sigma)
     g = GenerationMetrics(net, is_splits=1, precision_recall=True)
-    assert ar.add_reference(g, a, 8, bs=7) == 30  # 5 batches, the last one short
+    n_real, adm = ar.add_reference(g, Namespace(ref_batch=batch, ref_dir=None), 8, bs=7)  # 5 batches, one short
+    assert n_real is None and adm is not None
     for m in (direct, g):
         m.update_fake(fake)
     want, got = direct.compute(), g.compute()
-    assert got["fid"] == pytest.approx(want["fid"], rel=1e-6) and got["n_real"] == 2  # FID: the stats, not twice
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-6) and got["n_real"] == 30  # from the images
+    assert got["fid"] == pytest.approx(_frechet(ff, fr.mean(0), np.cov(fr, rowvar=False)), rel=1e-5)
+    assert ar.fid_against_stats(g, *adm) == pytest.approx(_frechet(ff, mu, sigma), rel=1e-5)
     assert (got["precision"], got["recall"]) == (want["precision"], want["recall"])
-    assert 0 < want["precision"] < 1 and got["n_real_features"] == 30
-    # without precision / recall the 2 GB of images are not read: the stats give FID
-    monkeypatch.setattr(ar, "_npz_batches", lambda *a: pytest.fail("arr_0 read for nothing"))
-    assert ar.add_reference(GenerationMetrics(net, is_splits=1), a, 8, bs=7) == 30
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)  # no images: the stats are all there is
+    g2 = GenerationMetrics(net, is_splits=1)
+    n_real, adm = ar.add_reference(g2, Namespace(ref_batch=tmp_path / "stats_only.npz", ref_dir=None), 8, bs=7)
+    assert adm is None and "count is not stored" in n_real.reason
+    g2.update_fake(fake)
+    assert g2.compute()["fid"] == pytest.approx(_frechet(ff, mu, sigma), rel=1e-5)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -135,12 +135,15 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
             for i in range(0, len(imgs), bs) if features else ():
                 gm.update_fake(torch.from_numpy(imgs[i:i + bs]).permute(0, 3, 1, 2))
             head.append(imgs[:settings["per_class"] * min(10, settings["num_classes"]) - sum(map(len, head))])
-    n_real = add_reference(gm, a, size, bs) if features else None
+    n_real, adm_stats = add_reference(gm, a, size, bs) if features else (None, None)
     r = gm.compute()
     if key["reference"] is None and features:
         r["fid"] = M.Missing("no reference: give --ref-batch VIRTUAL_imagenet256_labeled.npz or --ref-dir DIR")
     metrics = {"eval/fid": r["fid"], "eval/is": r["is"], "eval/is_std": r["is_std"],
                "eval/n_samples": float(n), "eval/n_real": r["n_real"] if n_real is None else n_real}
+    if adm_stats is not None:  # the same samples against ADM's TensorFlow statistics: the mixed pipeline, labelled
+        metrics["eval/fid_adm_stats"] = M.Missing("the reference batch holds no mu/sigma") if adm_stats is False \
+            else fid_against_stats(gm, *adm_stats)
     if a.precision_recall:
         metrics.update({"eval/precision": r.get("precision", inception), "eval/recall": r.get("recall", inception)})
     grid = _grid(np.concatenate(head), settings, out / "samples.png")
@@ -153,7 +156,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
 
 
 # its printout, in this order, where present (labels, formats and N: magvit2.metrics.registry)
-ROWS = ("eval/fid", "eval/is", "eval/is_std", "eval/precision", "eval/recall")
+ROWS = ("eval/fid", "eval/fid_adm_stats", "eval/is", "eval/is_std", "eval/precision", "eval/recall")
 
 
 def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:
@@ -165,43 +168,58 @@ def _grid(first: np.ndarray, settings: dict, path: Path) -> Path:
 
 
 def add_reference(gm, a, size: int, bs: int):
-    """The reference side of FID: an ADM batch's mu / sigma (the same 2015-12-05 Inception's pool features), else
-    its arr_0 images; or an image folder's images, resized + center-cropped to the samples' size. An ADM batch's
-    images are streamed from the zip, and with mu / sigma read only for precision / recall. -> the number of
-    reference images when it is not what gm counted (precomputed statistics), else None."""
+    """The reference side of FID. An ADM batch with its arr_0 images: those images through the samples' own
+    Inception (one implementation per number; streamed from the zip), its mu / sigma (ADM's TensorFlow evaluator's)
+    kept for the second, labelled FID; a batch with mu / sigma only: those. An image folder: its images, resized +
+    center-cropped to the samples' size. -> (the number of reference images when it is not what gm counted, else
+    None; ADM's (mu, sigma) for the second FID, False for a batch without them, None without a batch)."""
     if a.ref_batch is not None:
         with np.load(a.ref_batch) as z:
             stats, images = "mu" in z.files and "sigma" in z.files, "arr_0" in z.files
-            if stats:
-                set_real_stats(gm, z["mu"], z["sigma"])
+            adm = (z["mu"], z["sigma"]) if stats else False
         if not stats and not images:
             raise ConfigError(f"--ref-batch {a.ref_batch}: neither mu/sigma nor arr_0 images in it")
-        shape, fortran, dtype = _npz_header(a.ref_batch, "arr_0") if images else ((), False, None)
-        if images and (not stats or gm.pool is not None):  # the images: for FID, or for precision / recall only
-            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-                raise ConfigError(f"--ref-batch {a.ref_batch}: arr_0 is {dtype} {shape}, not uint8 (N,H,W,3)")
-            if shape[1:3] != (size, size):
-                log.warning(f"--ref-batch images are {shape[1]}x{shape[2]}, the samples {size}x{size}")
-            for x in tqdm(_npz_batches(a.ref_batch, "arr_0", shape, bs), total=-(-shape[0] // bs),
-                          desc="Inception (reference)", unit="batch", mininterval=1.0):
-                gm.update_real(torch.from_numpy(x).permute(0, 3, 1, 2), fid=not stats)
-        if not stats:
-            return None
-        return float(shape[0]) if images else M.Missing(
-            "the reference batch holds mu/sigma without its images: their count is not stored")
+        if not images:  # statistics only: the mixed pipeline is all there is
+            set_real_stats(gm, *adm)
+            return M.Missing("the reference batch holds mu/sigma without its images: their count is not stored"), \
+                None
+        shape, fortran, dtype = _npz_header(a.ref_batch, "arr_0")
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+            raise ConfigError(f"--ref-batch {a.ref_batch}: arr_0 is {dtype} {shape}, not uint8 (N,H,W,3)")
+        if shape[1:3] != (size, size):
+            log.warning(f"--ref-batch images are {shape[1]}x{shape[2]}, the samples {size}x{size}")
+        for x in tqdm(_npz_batches(a.ref_batch, "arr_0", shape, bs), total=-(-shape[0] // bs),
+                      desc="Inception (reference)", unit="batch", mininterval=1.0):
+            gm.update_real(torch.from_numpy(x).permute(0, 3, 1, 2))
+        return None, adm
     from torch.utils.data import DataLoader
 
     from magvit2.evaluate.images import ImageFiles
     for x in tqdm(DataLoader(ImageFiles(a.ref_dir, size, flag="--ref-dir"), batch_size=bs, num_workers=a.workers),
                   desc="Inception (reference)", unit="batch", mininterval=1.0):
         gm.update_real(x)
-    return None
+    return None, None
 
 
-def set_real_stats(gm, mu: np.ndarray, sigma: np.ndarray, k: int = 2) -> None:
-    """Precomputed reference statistics into torchmetrics' FID state: the sums from which its compute() gets mu and
-    sigma back (sum = k mu, sum of outer products = (k - 1) sigma + k mu mu^T), for any k > 1."""
-    fid = gm.fid
+def fid_against_stats(gm, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of gm's samples (their mean and covariance, from torchmetrics' running sums) against precomputed
+    reference statistics: |mu_f - mu|^2 + tr(S_f) + tr(S) - 2 tr((S_f S)^1/2), in float64."""
+    f = gm.fid
+    n = f.fake_features_num_samples.double()
+    mu_f = f.fake_features_sum.double() / n
+    cov_f = (f.fake_features_cov_sum.double() - n * torch.outer(mu_f, mu_f)) / (n - 1)
+    mu_r, cov_r = (torch.from_numpy(np.asarray(v)).double().to(mu_f.device) for v in (mu, sigma))
+    root_trace = torch.linalg.eigvals(cov_f @ cov_r).sqrt().real.sum()  # tr of the square root: its eigenvalues'
+    return float((mu_f - mu_r).square().sum() + cov_f.trace() + cov_r.trace() - 2 * root_trace)
+
+
+def set_real_stats(target, mu: np.ndarray, sigma: np.ndarray, k: int = 2) -> None:
+    """Precomputed reference statistics into the FID state of `target` (GenerationMetrics, or a torchmetrics FID):
+    the sums from which its compute() gets mu and sigma back (sum = k mu, sum of outer products = (k - 1) sigma +
+    k mu mu^T), for any k > 1."""
+    fid = getattr(target, "fid", target)
+    if fid is not target:
+        target.n_real.update(k)  # GenerationMetrics computes FID from >= 2 real images
     d = fid.real_features_sum.shape[0]
     if mu.shape != (d,) or sigma.shape != (d, d):
         raise ConfigError(f"--ref-batch: mu {mu.shape} / sigma {sigma.shape} are not {d}-d Inception pool statistics")
@@ -209,7 +227,6 @@ def set_real_stats(gm, mu: np.ndarray, sigma: np.ndarray, k: int = 2) -> None:
     fid.real_features_sum = k * mu_t
     fid.real_features_cov_sum = (k - 1) * sig_t + k * torch.outer(mu_t, mu_t)
     fid.real_features_num_samples = torch.tensor(k, dtype=torch.long, device=fid.device)
-    gm.n_real.update(k)  # GenerationMetrics computes FID from >= 2 real images
 
 
 def _npy_header(f) -> tuple[tuple, bool, np.dtype]:

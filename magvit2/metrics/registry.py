@@ -97,6 +97,9 @@ ROWS = (
     Metric("eval/recall", "recall", fmt=".3f", better="higher", n=_FID, table="ar", if_logged=True,
            note="k = 3 nearest neighbours " + _INCEPTION),
     Metric("eval/is_std", "IS std (10 splits)", fmt=".2f", n=_GEN),
+    Metric("eval/fid_adm_stats", "FID vs ADM mu/sigma", fmt=".2f", better="lower", n=_GEN,
+           note="the samples' features against the reference batch's precomputed statistics (ADM's TensorFlow "
+                "Inception): two implementations in one number; FID beside it uses the batch's images"),
     Metric("eval/n_fake", "N generated img", fmt=",.0f", kind=COUNT, seeds="constant", noun="samples"),
     Metric("eval/n_real_features", "N ref features", fmt=",.0f", kind=COUNT, seeds="constant", noun="images"),
     Metric("val/acc_{k}", "val accuracy {k}", fmt=".3f", better="higher", n=_VAL, comparable=False),
