@@ -35,6 +35,17 @@ def load(path, setting: str, fix: str) -> dict:
         raise ConfigError(f"{setting}: {path} is not a loadable checkpoint ({_unreadable(path, e)}); {fix}") from e
 
 
+def check_finite(sd: dict, where: str) -> None:
+    """Refuse weights with NaN / inf: a NaN tokenizer quantizes every latent to bit 0 (all tokens 0) and an AR
+    trained on them ends `finished` with black samples, so the file is refused by name instead."""
+    for key, t in sd.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() and \
+                not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise ConfigError(f"{where}: tensor {key!r} has {n} non-finite values (NaN/inf) of {t.numel()}: the "
+                              f"weights are broken (a diverged run, a bad conversion); give another file")
+
+
 _ZIP, _PICKLE = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy (pre-1.6) pickle format
 
 

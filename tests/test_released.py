@@ -264,3 +264,19 @@ def test_non_finite_or_integer_weights_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"missing from the file.*magvit2.convert RUN --to reference") as e:
         released.into_tokenizer(tmp_path / "missing.ckpt", tokenizer(), "tokens.tokenizer=x")
     assert "use a tokenizer config with those values" not in str(e.value)  # the shapes fit: not an architecture fix
+
+
+def test_a_nan_tokenizer_never_yields_tokens(tmp_path):
+    """NaN weights quantize to bit 0 (every token 0): the encoding refuses non-finite latents, and a run's
+    checkpoint.pt with NaN weights is refused by key when an AR run would use it."""
+    from magvit2.data.tokens import encode
+    m = tokenizer()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert encode(m, x).shape == (2, 8, 8)
+    with torch.no_grad():
+        m.encoder.conv_in.weight.fill_(float("nan"))
+    with pytest.raises(ConfigError, match="non-finite latents.*tokens.tokenizer"):
+        encode(m, x)
+    from magvit2 import checkpoint
+    with pytest.raises(ConfigError, match=r"tokens.tokenizer=run: .*tensor 'encoder.conv_in.weight' has \d+ non-finite"):
+        checkpoint.check_finite(m.state_dict(), "tokens.tokenizer=run: checkpoint.pt")

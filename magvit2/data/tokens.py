@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from magvit2.data.images import split_key
+from magvit2.errors import ConfigError
 from magvit2.runs import FileLock, atomic_write, atomic_write_text
 
 SHARD = 50_000
@@ -49,7 +50,13 @@ def encode(tokenizer, x: torch.Tensor) -> torch.Tensor:
     """Token grids (B, h, w) of images in [-1, 1]. Eval mode: the quantizer neither tracks VQ code usage (a buffer
     update) nor all-reduces LFQ statistics across processes."""
     tokenizer.eval()
-    return tokenizer.encode(x).indices
+    tokenizer._check_images(x)  # what Tokenizer.encode checks, then its two halves with the latents checked between
+    z = tokenizer.encoder(x)
+    if not bool(torch.isfinite(z).all()):  # LFQ maps NaN to bit 0: every token would silently be 0
+        raise ConfigError(f"the tokenizer's encoder gave non-finite latents ({int((~torch.isfinite(z)).sum())} of "
+                          f"{z.numel()}) for a batch of finite images: its weights are broken; point "
+                          f"tokens.tokenizer at another tokenizer")
+    return tokenizer.quantizer(z).indices
 
 
 @torch.no_grad()

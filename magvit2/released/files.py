@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from magvit2 import checkpoint
 from magvit2.errors import ConfigError
 from magvit2.runs import atomic_write
 
@@ -83,19 +84,8 @@ def read(path, setting: str) -> dict:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConfigError(f"{setting}: {path} is not an Open-MAGVIT2 Lightning checkpoint (no 'state_dict' of "
                           f"tensors); a magvit2 run's checkpoint.pt or run dir goes to the same setting as is")
-    check_finite(sd, f"{setting}: {path}")
+    checkpoint.check_finite(sd, f"{setting}: {path}")
     return sd
-
-
-def check_finite(sd: dict, where: str) -> None:
-    """Refuse weights with NaN / inf: a NaN tokenizer quantizes every latent to bit 0 (all tokens 0) and an AR
-    trained on them ends `finished` with black samples, so the file is refused by name instead."""
-    for key, t in sd.items():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel() and \
-                not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            raise ConfigError(f"{where}: tensor {key!r} has {n} non-finite values (NaN/inf) of {t.numel()}: the "
-                              f"weights are broken (a diverged run, a bad conversion); give another file")
 
 
 def kind(sd: dict) -> str | None:

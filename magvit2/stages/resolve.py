@@ -75,6 +75,9 @@ def load_tokenizer(cfg):
         model.eval().requires_grad_(False)
         return model, f"{source}:reference:{weights}", {"source": source, "path": str(path), "step": None,
                                                         "metrics": {}, "weights": weights, "reference": True}
+    checkpoint.check_finite(ckpt.get(Ckpt.MODEL, ckpt.get("state_dict", {})), f"{setting}: {path}")
+    if weights == "ema" and Ckpt.EMA in ckpt:
+        checkpoint.check_finite(ckpt[Ckpt.EMA].get("shadow", {}), f"{setting}: {path} (its EMA weights)")
     try:
         if Ckpt.EMA in ckpt:
             model.load_state_dict(ckpt[Ckpt.MODEL])
@@ -120,6 +123,7 @@ def init_weights(cfg, model) -> str | None:
         return f"released {info['model_size'] or 'AR'} file {p} ({info['tensors']} tensors)"
     from magvit2 import checkpoint
     ckpt = checkpoint.load(p, setting, _REFUSED_FIX.replace("a tokenizer run", "an AR run"))
+    checkpoint.check_finite(ckpt.get(Ckpt.MODEL, {}), f"{setting}: {p}")
     try:
         model.load_state_dict(ckpt[Ckpt.MODEL])
     except (RuntimeError, KeyError) as e:
