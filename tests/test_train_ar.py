@@ -85,6 +85,14 @@ def test_headline_sweep_with_tiny_models_end_to_end(root, start_train):
     p2 = again.finish()
     assert p2.stdout.count("finished") >= 2 and "already finished" in p2.stderr + p2.stdout
     assert len(client.search_runs([exp.experiment_id])) == 3  # no new member runs
+    # a closed sweep keeps its record (issue 21.2): one wall time in the metric history, the same description and
+    # end time, nothing reopened
+    before, after = parents[0], client.get_run(parents[0].info.run_id)
+    walls = client.get_metric_history(before.info.run_id, "sweep/wall_s")
+    assert [m.value for m in walls] == [before.data.metrics["sweep/wall_s"]], walls
+    assert after.data.tags["mlflow.note.content"] == before.data.tags["mlflow.note.content"]
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert "already complete; its record stands" in p2.stdout
     assert [json.loads(f.read_text())["updated"] for f in ar] == \
         [json.loads(f.read_text())["updated"] for f in sorted((root / "runs" / "ar").glob("*/status.json"))]
 

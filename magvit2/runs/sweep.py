@@ -66,7 +66,16 @@ class SweepDir:
                "launcher": launcher, "hydra_dirs": sorted(set(old.get("hydra_dirs", [])) | {hydra_dir}),
                "jobs": old.get("jobs", {}), "axes": axes or old.get("axes", {}), "submitted": time.time(),
                "members": [{k: r[k] for k in _RECORDED if k in r} for r in rows]}
+        if old.get("summary"):  # what the sweep's MLflow record says: kept until members are added
+            doc["summary"] = old["summary"]
         write_json(self.file, doc)
+
+    def record_summary(self, summary: dict) -> None:
+        """The closed sweep's summary (finished members, wall seconds, device-hours), as its MLflow record has it."""
+        doc = self.read(None)
+        if doc is not None:
+            doc["summary"] = summary
+            write_json(self.file, doc)
 
     def record_jobs(self, jobs: dict[str, str]) -> None:
         """Remember the job each member (by run dir) was just submitted as, before waiting on any of them."""

@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     if closed:
         print(f"sweep ended: MLflow parent run {closed}")
     if all(r["state"] in state.ENDED for r in rows):  # the summary a blocking sweep prints at its end
-        wall = summary.wall_since_submission(sweep_dir, rows)
+        done = summary.closed_summary(sweep_dir, rows)  # the recorded wall time, over every submission
+        wall = done["wall_s"] if done else summary.wall_since_submission(sweep_dir, rows)
         print("\n".join(line for line in (state.winner_line(rows), summary.usage_line(wall, rows)) if line))
     if a.tail:
         logs = member_logs(rows[a.member], a.root)

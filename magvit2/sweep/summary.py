@@ -53,13 +53,31 @@ def axes_text(axes: dict) -> str:
     return " x ".join(f"{k} = {', '.join(map(str, v))}" for k, v in axes.items()) or "no swept axis"
 
 
-def record(sweep_dir, rows: list[dict], wall_s: float) -> None:
-    """Write the summary onto the sweep's MLflow parent run (in the store recorded in sweep.json)."""
+def finished_members(rows: list[dict]) -> list[str]:
+    return sorted(r["run_dir"] for r in rows if r["state"] == "finished")
+
+
+def closed_summary(sweep_dir, rows: list[dict]) -> dict | None:
+    """The recorded summary when it already covers exactly these finished members (a re-run that adds nothing
+    changes nothing: no second wall time, no rewritten description), else None."""
+    doc = SweepDir(sweep_dir).read({}) or {}
+    s = doc.get("summary")
+    return s if s and s.get("finished") == finished_members(rows) else None
+
+
+def record(sweep_dir, rows: list[dict], wall_s: float) -> float:
+    """Write the summary onto the sweep's MLflow parent run (in the store recorded in sweep.json) and into
+    sweep.json. A re-run that trained members extends the recorded wall time by its own. -> the sweep's wall
+    seconds."""
     from magvit2 import tracking
-    doc = SweepDir(sweep_dir).read({})
-    if not doc.get("parent_run_id") or not doc.get("tracking_uri"):
-        return
+    sd = SweepDir(sweep_dir)
+    doc = sd.read({}) or {}
+    if doc.get("summary"):
+        wall_s += float(doc["summary"].get("wall_s", 0.0))
     hours, n = device_hours(rows)
+    sd.record_summary({"finished": finished_members(rows), "wall_s": wall_s, "device_hours": hours})
+    if not doc.get("parent_run_id") or not doc.get("tracking_uri"):
+        return wall_s
     table = results_table(rows)
     rank = state.ranked(rows)
     tags = {}
@@ -80,6 +98,7 @@ def record(sweep_dir, rows: list[dict], wall_s: float) -> None:
                                  {"sweep/wall_s": wall_s, "sweep/device_hours": hours},
                                  {"results.csv": table.to_csv(index=False),
                                   "results.md": table.to_markdown(index=False, floatfmt=".4g") + "\n"})
+    return wall_s
 
 
 def wall_since_submission(sweep_dir, rows: list[dict]) -> float:

@@ -75,6 +75,15 @@ class Magvit2Sweeper(Sweeper):
         if dry:
             return []
         todo = dedup(members, rows)
+        closed = None if todo else summary.closed_summary(sweep_dir, rows)
+        if closed is not None:  # nothing to train and the record covers these members: it stands as it is
+            print(state.format_members(rows, title=f"sweep {sid}: results (already complete; its record stands)"))
+            win = state.winner_line(rows)
+            if win:
+                print(win)
+            print(summary.usage_line(closed["wall_s"], rows))
+            print(f"next: python -m magvit2.report --sweep {sid}")
+            return []
         parent = open_sweep(self.config, self.launcher, sweep_dir, sid, arguments, rows, axes)
         root = str(self.config.paths.root)
         results = launch(self.launcher, sweep_dir, sid, parent, todo, self.max_batch_size)
@@ -184,7 +193,7 @@ def close(sweep_dir: Path, sid: str, parent: str, results: list, root: str) -> N
         failed = [r for b in results for r in b if _failed(r)] or [r for r in final if r["state"] != "finished"]
         wall = time.monotonic() - _T0
         try:  # the results stand without their MLflow copy
-            summary.record(sweep_dir, final, wall)
+            wall = summary.record(sweep_dir, final, wall)
         except Exception as e:  # noqa: BLE001
             print(f"warning: the sweep's summary was not written to its MLflow parent run: {type(e).__name__}: {e}",
                   file=sys.stderr)
