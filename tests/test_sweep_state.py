@@ -125,18 +125,28 @@ def test_the_summary_names_the_winner_with_its_margin():
     rows = [{"member": "k6_12-B", "state": "finished", "metrics": {"val/loss": 7.0}},
             {"member": "k9_9-B", "state": "finished", "metrics": {"val/loss": 8.0}},
             {"member": "k12_6-B", "state": "failed", "metrics": {"val/loss": 1.0}}]  # not finished: not ranked
-    assert state.winner_line(rows) == ("winner by val/loss (lower is better): k6_12-B 7 vs k9_9-B 8 "
-                                       "(-1, -12.5%; n = 1 seed each)")
+    # one seed each: the best mean, and no claim (the report says the same)
+    assert state.winner_line(rows) == ("best mean by val/loss (lower is better): k6_12-B 7.000 vs k9_9-B 8.000 "
+                                       "(-1, -12%); n = 1 vs 1: no claim either way (run seed=0,1,2)")
     rows[0]["metrics"]["eval/fid"], rows[1]["metrics"]["eval/fid"] = 30.0, 20.0  # FID ranks first when present
-    assert state.winner_line(rows).startswith("winner by eval/fid (lower is better): k9_9-B 20 vs k6_12-B 30")
+    assert state.winner_line(rows).startswith("best mean by eval/fid (lower is better): k9_9-B 20.00 vs k6_12-B 30.00")
     assert state.winner_line([]) is None
     # members that differ only in seed are one arm: mean ± std over its seeds
     seeds = [{"member": f"{f}-{s}", "state": "finished", "overrides": [f"factorization={f}", "scale=tiny", f"seed={s}"],
               "metrics": {"val/loss": v}} for f, vals in (("k6_12", (7.0, 9.0)), ("k9_9", (8.5, 8.5, 8.5)))
              for s, v in enumerate(vals)]
-    assert state.winner_line(seeds) == ("winner by val/loss (lower is better; mean ± std over seeds): "
-                                        "factorization=k6_12 8 ± 1.4 (n = 2) vs factorization=k9_9 8.5 ± 0 (n = 3) "
-                                        "(-0.5, -5.88%; the report has the 95% intervals)")
+    assert state.winner_line(seeds) == ("best mean by val/loss (lower is better; mean ± std over seeds): "
+                                        "factorization=k6_12 8.000 ± 1.4 (n = 2) vs factorization=k9_9 8.500 ± 0 "
+                                        "(n = 3) (-0.5, -5.9%); not distinguishable at 5% (Welch t-test, n = 2 vs "
+                                        "3: p = 0.7)")
+    # arms sharing 3 seeds: a paired test; a winner only when it distinguishes them
+    from scipy import stats as sps
+    a, b = (7.0, 7.1, 7.05), (8.5, 8.6, 8.4)
+    paired = [{"member": f"{f}-{s}", "state": "finished", "overrides": [f"factorization={f}", f"seed={s}"],
+               "metrics": {"val/loss": v}} for f, vals in (("k6_12", a), ("k9_9", b)) for s, v in enumerate(vals)]
+    line = state.winner_line(paired)
+    assert line.startswith("winner by val/loss") and "paired t-test over 3 shared seeds" in line
+    assert f"p = {sps.ttest_rel(a, b).pvalue:.2g}" in line
 
 
 def _tokenizer_sweep(tmp_path, monkeypatch, tok_status: dict | None):
@@ -233,7 +243,7 @@ def test_the_sweep_summary_goes_onto_the_parent_run(tmp_path, monkeypatch):
     assert run.data.metrics == {"sweep/wall_s": 900.0, "sweep/device_hours": pytest.approx(0.3)}  # 3 x 6 min x 1
     note = t["mlflow.note.content"]
     assert "3 ar members over factorization = k6_12, k9_9, k12_6; 2 finished" in note
-    assert "winner by val/loss" in note and "device-hours 0.3 over 3 runs" in note
+    assert "best mean by val/loss" in note and "device-hours 0.3 over 3 runs" in note
     arts = {a.path for a in client.list_artifacts(parent)}
     assert {"results.csv", "results.md"} <= arts
     csv = (Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).read_text())

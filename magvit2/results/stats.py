@@ -3,6 +3,8 @@ over its n seeds (scipy.stats.t), and the report says when two arms' intervals o
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -19,6 +21,37 @@ def constant(column: str) -> bool:
     its value (a range if they differ)."""
     m = registry.by_label(column)
     return column in _CONSTANT or (m is not None and m.seeds == "constant")
+
+
+def descriptive(column: str) -> bool:
+    """A cost or throughput column (registry kind "description"): a description of the runs, not a claim, so shown
+    as mean ± std without an interval (a t-interval at n = 2 goes negative for quantities that cannot)."""
+    m = registry.by_label(column)
+    return m is not None and m.kind == registry.DESCRIPTION
+
+
+def compare(best: dict, other: dict) -> str:
+    """The verdict on two arms' values of one metric, {seed: value} each, as the report and the sweep's CLI both
+    say it: a paired t-test over the seeds they share (3 or more), else Welch's t-test; n = 1 on a side: no claim."""
+    a, b = list(best.values()), list(other.values())
+    if min(len(a), len(b)) < 2:
+        return f"n = {len(a)} vs {len(b)}: no claim either way (run seed=0,1,2)"
+    shared = sorted(set(best) & set(other), key=str)
+    with warnings.catch_warnings():  # scipy warns on near-identical values; the p-value says what it can
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p, how = _test(best, other, shared, a, b)
+    if not np.isfinite(p):  # identical values on both sides
+        return f"no difference ({how})"
+    return f"{'distinguishable' if p < 0.05 else 'not distinguishable'} at 5% ({how}: p = {p:.2g})"
+
+
+def _test(best: dict, other: dict, shared: list, a: list, b: list) -> tuple[float, str]:
+    if len(shared) >= 3:
+        p, how = stats.ttest_rel([best[s] for s in shared], [other[s] for s in shared]).pvalue, \
+            f"paired t-test over {len(shared)} shared seeds"
+    else:
+        p, how = stats.ttest_ind(a, b, equal_var=False).pvalue, f"Welch t-test, n = {len(a)} vs {len(b)}"
+    return float(p), how
 
 
 def summed(column: str) -> bool:
@@ -57,6 +90,8 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     agg.columns = agg.columns.set_names(["column", "stat"]).set_levels(["mean", "std", "n"], level=1)
     for c in num.columns:
         half = t_quantile(agg[(c, "n")]) * agg[(c, "std")] / np.sqrt(agg[(c, "n")])
+        if descriptive(c):
+            half = half * np.nan
         agg[(c, "lo")], agg[(c, "hi")] = agg[(c, "mean")] - half, agg[(c, "mean")] + half
         if summed(c):
             agg[(c, "mean")] = g[c].sum(min_count=1)
@@ -65,6 +100,16 @@ def aggregate(table: pd.DataFrame) -> pd.DataFrame:
     agg[("n seeds", "n")] = g.size()
     agg = agg[[("n seeds", "n")] + [(c, s) for c in num.columns for s in ("mean", "std", "n", "lo", "hi")]]
     agg.attrs["missing"] = table.attrs.get("missing", {})
+    in_index = "seed" in table.index.names
+    seed_of = table.index.get_level_values("seed") if in_index else \
+        table["seed"].to_numpy() if "seed" in table else range(len(table))
+    arm_of = (table.index.droplevel("seed") if in_index else table.index) if levels else ["all"] * len(table)
+    values: dict = {}  # (arm, column) -> {seed: value}: what compare() tests
+    for c in num.columns:
+        for arm, seed, v in zip(arm_of, seed_of, num[c]):
+            if pd.notna(v):
+                values.setdefault((arm, c), {})[seed] = float(v)
+    agg.attrs["values"] = values
     return agg
 
 
@@ -81,15 +126,28 @@ def overlaps(agg: pd.DataFrame, column: str, lower_better: bool) -> list[str]:
     out = []
     for k, r in s.drop(index=[best]).iterrows():
         b = s.loc[best]
+        values = agg.attrs.get("values", {})
+        verdict = compare(values.get((best, column), {}), values.get((k, column), {}))
         if min(b["n"], r["n"]) < 2:
             out.append(f"{column}: {name(best)} vs {name(k)}: n = 1 on one side, no interval: no claim either way.")
-        elif b["lo"] <= r["hi"] and r["lo"] <= b["hi"]:
-            out.append(f"{column}: {name(best)} [{b['lo']:.4g}, {b['hi']:.4g}] and {name(k)} [{r['lo']:.4g}, "
-                       f"{r['hi']:.4g}] overlap (n = {b['n']:.0f}, {r['n']:.0f}): not distinguishable.")
         else:
-            out.append(f"{column}: {name(best)} [{b['lo']:.4g}, {b['hi']:.4g}] and {name(k)} [{r['lo']:.4g}, "
-                       f"{r['hi']:.4g}] do not overlap (n = {b['n']:.0f}, {r['n']:.0f}).")
+            iv = lambda x: interval_text(x["mean"], x["lo"], x["hi"])  # noqa: E731
+            touch = "overlap" if b["lo"] <= r["hi"] and r["lo"] <= b["hi"] else "do not overlap"
+            out.append(f"{column}: {name(best)} {iv(b)} and {name(k)} {iv(r)} {touch}; {verdict}.")
     return out
+
+
+def decimals(half: float) -> int | None:
+    """Decimal places the interval supports: two significant digits of its half-width (None: no interval)."""
+    if not np.isfinite(half) or half <= 0:
+        return None
+    return max(0, 1 - int(np.floor(np.log10(half))))
+
+
+def interval_text(mean: float, lo: float, hi: float) -> str:
+    """'[lo, hi]' at the precision the interval supports."""
+    d = decimals((hi - lo) / 2)
+    return f"[{lo:.4g}, {hi:.4g}]" if d is None else f"[{lo:.{d}f}, {hi:.{d}f}]"
 
 
 def clear_best(agg: pd.DataFrame, column: str, lower_better: bool):

@@ -169,7 +169,10 @@ def _seed_cell(column: str, st: pd.Series) -> str:
         return _fmt(st["mean"])
     if st["n"] < 2:
         return f"{_fmt(st['mean'])} (n = 1)"
-    return f"{_fmt(st['mean'])} ± {_fmt(st['std'])} [{_fmt(st['lo'])}, {_fmt(st['hi'])}]"
+    d = stats.decimals((st["hi"] - st["lo"]) / 2)
+    if d is None:  # a description (cost, throughput): its spread, no interval
+        return f"{_fmt(st['mean'])} ± {st['std']:.2g}"
+    return f"{st['mean']:.{d}f} ± {st['std']:.2g} {stats.interval_text(st['mean'], st['lo'], st['hi'])}"
 
 
 def seeds_markdown(agg: pd.DataFrame, key_metrics: list[str] | None = None) -> str:
@@ -190,7 +193,9 @@ def seeds_markdown(agg: pd.DataFrame, key_metrics: list[str] | None = None) -> s
         lines.append("| " + " | ".join(cells) + " |")
     name = lambda k: "/".join(map(str, k)) if isinstance(k, tuple) else str(k)  # noqa: E731
     single = [name(k) for k, n in agg[("n seeds", "n")].items() if n < 2]
-    notes = ["", "Mean ± std over seeds and the 95% Student-t interval of the mean; device-hours summed over seeds."]
+    notes = ["", "Mean ± std over seeds and the 95% Student-t interval of the mean, at the precision the interval "
+                 "supports; cost and throughput columns as mean ± std only (descriptions, not claims); device-hours "
+                 "summed over seeds. Verdicts: a paired t-test over shared seeds (3 or more), else Welch's."]
     if single:
         notes.append(f"n = 1 (one seed: no spread, no interval; run seed=0,1,2 for one): {', '.join(single)}.")
     for c in key_metrics if key_metrics is not None else [c for c in cols if _ranked(c, agg.index)]:

@@ -185,32 +185,42 @@ def _arm(row: dict) -> tuple:
     return tuple(o for o in row["overrides"] if not o.startswith("seed=")) if row.get("overrides") else (row["member"],)
 
 
+def _seed(row: dict):
+    return next((o.split("=", 1)[1] for o in row.get("overrides") or () if o.startswith("seed=")), row["member"])
+
+
 def winner_line(rows: list[dict]) -> str | None:
-    """'winner by <key>: <arm> <value> vs <runner-up> <value> (<delta>)' over the finished members. Members that
-    differ only in seed= are one arm, shown as mean ± std over its n seeds."""
+    """'best by <key>: <arm> <value> vs <runner-up> <value> (<delta>); <verdict>' over the finished members.
+    Members that differ only in seed= are one arm (mean ± std over its n seeds); the verdict is the report's
+    (magvit2.results.stats.compare): a winner is named only when a t-test over the seeds distinguishes the arms."""
+    from magvit2.results import stats  # scipy: only when a sweep ends, never in the plan step
     rank = ranked(rows)
     if rank is None:
         return None
     key, lower, have = rank
-    arms: dict[tuple, list[float]] = {}
+    arms: dict[tuple, dict] = {}
     for r in have:
-        arms.setdefault(_arm(r), []).append(r["metrics"][key])
+        arms.setdefault(_arm(r), {})[_seed(r)] = r["metrics"][key]
     seeded = any(len(v) > 1 for v in arms.values())
     if seeded:  # an arm by what sets it apart from the others
         common = set.intersection(*(set(a) for a in arms))
         names = {a: " ".join(o for o in a if o not in common) or "all" for a in arms}
     else:
         names = {_arm(r): r["member"] for r in have}
-    stats = sorted(((statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v), names[a])
-                    for a, v in arms.items()), key=lambda st: st[0], reverse=not lower)
+    order = sorted(arms, key=lambda a: statistics.fmean(arms[a].values()), reverse=not lower)
+    fmt = registry.get(key).fmt or ".4g"
 
-    def fmt(mean: float, sd: float | None, n: int) -> str:
-        return f"{mean:.4g}" + ("" if not seeded else " (n = 1)" if sd is None else f" ± {sd:.2g} (n = {n})")
+    def value(a) -> str:
+        v = list(arms[a].values())
+        m = format(statistics.fmean(v), fmt)
+        return m if not seeded else f"{m} (n = 1)" if len(v) < 2 else f"{m} ± {statistics.stdev(v):.2g} (n = {len(v)})"
     better = ("lower" if lower else "higher") + " is better" + ("; mean ± std over seeds" if seeded else "")
-    line = f"winner by {key} ({better}): {stats[0][3]} {fmt(*stats[0][:3])}"
-    if len(stats) > 1:
-        (m1, *_), (m2, sd2, n2, a2) = stats[0], stats[1]
-        rel = f", {100 * (m1 - m2) / abs(m2):+.3g}%" if m2 else ""
-        line += f" vs {a2} {fmt(m2, sd2, n2)} ({m1 - m2:+.4g}{rel}; " + \
-            ("the report has the 95% intervals)" if seeded else "n = 1 seed each)")
-    return line
+    if len(order) < 2:
+        return f"{key} ({better}): {names[order[0]]} {value(order[0])}; one arm, nothing to compare"
+    a, b = order[0], order[1]
+    m1, m2 = statistics.fmean(arms[a].values()), statistics.fmean(arms[b].values())
+    rel = f", {100 * (m1 - m2) / abs(m2):+.2g}%" if m2 else ""
+    verdict = stats.compare(arms[a], arms[b])
+    head = "winner" if verdict.startswith("distinguishable") else "best mean"
+    return (f"{head} by {key} ({better}): {names[a]} {value(a)} vs {names[b]} {value(b)} "
+            f"({m1 - m2:+.2g}{rel}); {verdict}")
