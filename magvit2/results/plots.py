@@ -103,8 +103,8 @@ def plot_curves(hist: pd.DataFrame, key: str, path: str | Path | None = None) ->
     ax.set_xlabel("step")
     ax.set_ylabel(registry.label(key))
     ax.set_title(registry.label(key))  # the metric's, never a run's name
-    if m is not None and m.percent:
-        ax.set_ylim(0, 105)
+    if m is not None and m.percent:  # the data's own range: 0.05% on a fixed 0-100 axis sits on the x-axis
+        ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     return _finish(fig, path)
 
