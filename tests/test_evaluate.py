@@ -79,7 +79,8 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
     assert m["eval/n_images"] == 6 and m["eval/n_tokens"] == 6 * 8 * 8
     assert np.isfinite(m["eval/rfid"]) and m["eval/rfid"] >= 0 and 0 < m["eval/utilization"] <= 1
     assert 0 < m["eval/ssim_skimage"] <= 1 and m["eval/psnr"] > 0 and m["eval/perplexity"] >= 1
-    assert set(res["missing"]) == {"eval/lpips"} and res["reference"] is False
+    assert set(res["missing"]) == {"eval/lpips", "eval/lpips_alex"} and res["reference"] is False
+    assert res["settings"]["protocol"] == "reference"  # the default: the original's arithmetic
     assert (res_path.parent / "recon_grid.png").is_file()
     run = _mlflow_run(tmp_path, res["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["magvit2.reference"] == "false"

@@ -82,7 +82,7 @@ class TinyFeatures(nn.Module):
 def test_psnr_is_mean_of_per_image_psnr_on_unit_range():
     x, y = images(3), noisy(images(3), 0.1)
     y[0] = x[0] + 0.02  # very different errors per image: the mean of PSNRs != PSNR of the pooled MSE
-    m = ReconstructionMetrics(codebook_size=4)
+    m = ReconstructionMetrics(codebook_size=4, protocol="precise")
     m.update(x, y, torch.zeros(3, 2, 2, dtype=torch.long))
     mse = (((x.clamp(-1, 1) + 1) / 2 - (y.clamp(-1, 1) + 1) / 2) ** 2).double().mean(dim=(1, 2, 3))
     expected = float((10 * torch.log10(1 / mse)).mean())
@@ -113,7 +113,7 @@ def gaussian_ssim_full_image(a, b):
 
 def test_both_ssims_in_compute_match_independent_computations():
     x, y = images(4, 48), noisy(images(4, 48), 0.15)
-    m = ReconstructionMetrics(codebook_size=4)
+    m = ReconstructionMetrics(codebook_size=4, protocol="precise")
     m.update(x[:2], y[:2], torch.zeros(2, 1, 1, dtype=torch.long))
     m.update(x[2:], y[2:], torch.zeros(2, 1, 1, dtype=torch.long))
     out = m.compute()
@@ -232,7 +232,7 @@ def test_configured_path_that_does_not_exist_is_an_error(tmp_path):
 
 def test_fid_plumbing_matches_textbook_fid_and_vanishes_for_identical_sets():
     x, y = images(40, 16, seed=0), images(40, 16, seed=1) * 0.5 + 0.3
-    same, diff = (ReconstructionMetrics(2, inception=TinyFeatures()) for _ in range(2))
+    same, diff = (ReconstructionMetrics(2, inception=TinyFeatures(), protocol="precise") for _ in range(2))
     idx = torch.zeros(40, 1, 1, dtype=torch.long)
     same.update(x, x, idx)
     diff.update(x, y, idx)
@@ -243,7 +243,7 @@ def test_fid_plumbing_matches_textbook_fid_and_vanishes_for_identical_sets():
     assert fid_diff == pytest.approx(expected, rel=1e-3)
     assert abs(fid_same) < 1e-2 * fid_diff
 
-    g = GenerationMetrics(TinyFeatures())
+    g = GenerationMetrics(TinyFeatures(), protocol="precise")  # rounding, as to_u8
     g.update_real(to_u8(x))  # uint8 and [-1,1] float inputs are both accepted
     g.update_fake(y)
     assert g.compute()["fid"] == pytest.approx(expected, rel=1e-3)
@@ -293,7 +293,7 @@ def test_precision_recall_match_the_definition_and_say_when_they_cannot():
     feats = {n: net(((v + 1) / 2 * 255).round().to(torch.uint8))[:, :8].double().numpy()
              for n, v in (("real", real), ("fake", fake))}
     for k in (1, 3, 5):
-        g = GenerationMetrics(net, is_splits=1, precision_recall=True, prc_k=k)
+        g = GenerationMetrics(net, is_splits=1, precision_recall=True, prc_k=k, protocol="precise")
         for i in range(0, 40, 16):  # batches: the features are concatenated, not averaged
             g.update_real(real[i:i + 16])
             g.update_fake(fake[i:i + 16])
