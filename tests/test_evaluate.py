@@ -312,16 +312,21 @@ def test_adm_batch_fid_from_its_images_and_a_second_from_its_stats(tmp_path):
     (["ar", "{ar}", "--per-class", "0"], "--per-class 0 must be >= 1"),
     (["ar", "{ar}", "--num-classes", "5"], "--num-classes 5: the model has 4 classes"),
     (["ar", "{ar}", "--ref-batch", "{nowhere}"], "--ref-batch"),
+    (["ar", "{ar}", "--ref-batch", "{notref}"], "notref.npz: neither mu/sigma nor arr_0 images in it (it holds foo)"),
+    (["ar", "{ar}", "--ref-batch", "{garbage}"], "garbage.ckpt: not an npz file"),
     (["ar", "{garbage}"], "garbage.ckpt"),
 ])
 def test_bad_input_is_one_error_line(runs, photos, tmp_path, capsys, args, needle):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
+    np.savez(tmp_path / "notref.npz", foo=np.zeros(3))  # checked before any sampling: nothing is drawn
     fill = {"nowhere": str(tmp_path / "nowhere"), "photos": str(photos), "garbage": str(garbage),
+            "notref": str(tmp_path / "notref.npz"),
             "tokenizer": str(runs["tokenizer"]), "ar": str(runs["ar"])}
     assert main([a.format(**fill) for a in args] + ["--root", str(tmp_path), "--no-download"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not list(tmp_path.glob("evaluate/ar/*/shard-*"))  # refused before sampling
 
 
 @pytest.fixture(scope="module")

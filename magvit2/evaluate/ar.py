@@ -54,6 +54,34 @@ def check(a) -> None:
     if bad:
         raise ConfigError(bad)
     common.check_weight_files(a)
+    if a.ref_batch is not None:  # a file that is no reference batch fails now, not after all the sampling
+        check_ref_batch(a.ref_batch)
+
+
+def check_ref_batch(path: Path) -> None:
+    try:
+        with np.load(path) as z:
+            names = set(z.files)
+    except Exception as e:  # noqa: BLE001 - not an npz at all
+        raise ConfigError(f"--ref-batch {path}: not an npz file ({type(e).__name__}); give an ADM reference batch "
+                          f"such as VIRTUAL_imagenet256_labeled.npz") from e
+    if not ({"mu", "sigma"} <= names or "arr_0" in names):
+        raise ConfigError(f"--ref-batch {path}: neither mu/sigma nor arr_0 images in it (it holds "
+                          f"{', '.join(sorted(names)) or 'nothing'}); give an ADM reference batch")
+    if "arr_0" in names:
+        shape, fortran, dtype = _npz_header(path, "arr_0")
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+            raise ConfigError(f"--ref-batch {path}: arr_0 is {dtype} {shape}, not uint8 (N,H,W,3)")
+
+
+def scoring_note(a) -> str | None:
+    """Said before sampling: without the Inception's weights the run can only write samples."""
+    from magvit2.metrics.pretrained import INCEPTION
+    found = M.find_weights(INCEPTION, a.inception_weights, download=not a.no_download)
+    if isinstance(found, M.Missing):
+        return (f"note: no FID / IS this time, only samples.npz ({found.reason.split(';')[0]}): give "
+                f"--inception-weights PATH (pt_inception-2015-12-05-6726825d.pth) to score them")
+    return None
 
 
 @torch.no_grad()
@@ -62,6 +90,9 @@ def run(a) -> dict:
     from magvit2.runs import FileLock
     from magvit2.stages.generate import class_labels, item_seed, sample_images, sampler
     check(a)  # before any loading: a typo fails at once
+    note = scoring_note(a)
+    if note:
+        print(note)
     rank, world, how = shards.rank_world()
     model, tok, src = load_ar_source(a.source, a.tokenizer, a.tokenizer_weights)
     s = sampling_settings(src, a)
