@@ -69,7 +69,7 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
     assert main(["tokenizer", str(runs["tokenizer"]), "--data", str(photos), "--resolution", "32", "--num-images",
                  "6", "--workers", "0", "--inception-weights", inception, "--no-download", "--root",
                  str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out = first_out = capsys.readouterr().out
     assert "SSIM: scikit-image's 7x7 uniform window: the reference's" in out  # the report's labels, and what they are
     assert "384 tokens" in out and "6 images" in out and "utilization (%)" in out
     assert "LPIPS missing: " in out and "--vgg16-weights" in out  # no weights: reported, never a number
@@ -87,10 +87,12 @@ def test_tokenizer_end_to_end(runs, photos, inception, tmp_path, capsys):
     assert run.data.metrics["eval/rfid"] == pytest.approx(m["eval/rfid"])
     assert "magvit2.missing.eval/lpips" in run.data.tags
 
-    # its checkpoint.pt names the same run; raw weights, native 16px
-    assert main(["tokenizer", str(runs["tokenizer"] / "checkpoint.pt"), "--data", str(photos), "--resolution", "16",
+    # its checkpoint.pt names the same run; raw weights, at its own 16 px by default (said), another one noted
+    assert main(["tokenizer", str(runs["tokenizer"] / "checkpoint.pt"), "--data", str(photos),
                  "--weights", "raw", "--workers", "0", "--no-download", "--root", str(tmp_path)]) == 0
-    assert "4x4 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4x4 tokens" in out and "resolution 16 px: the tokenizer's own" in out
+    assert "not the tokenizer's training resolution 16 px" in first_out  # the 32 px evaluation above said so
 
 
 @pytest.mark.slow  # two processes start up

@@ -20,7 +20,8 @@ from magvit2.evaluate.sources import load_tokenizer_source
 def add_args(ap) -> None:
     ap.add_argument("source", help="a tokenizer run dir, its checkpoint.pt, or a released Open-MAGVIT2 .ckpt")
     ap.add_argument("--data", required=True, help="image folder (class subfolders like ImageNet val, or flat)")
-    ap.add_argument("--resolution", type=int, default=256, help="shorter-side resize + center crop (default 256)")
+    ap.add_argument("--resolution", type=int, default=None, help="shorter-side resize + center crop (default: the "
+                    "tokenizer's own training resolution; another one is said, e.g. the 128-L at 256 for 32x32 tokens)")
     ap.add_argument("--num-images", type=int, default=None, help="evenly spaced subset (default: all)")
     ap.add_argument("--weights", default="ema", choices=("ema", "raw"), help="default ema (the original's)")
     ap.add_argument("--vgg16-weights", default=None, help="torchvision vgg16-397923af.pth (LPIPS); default: "
@@ -36,7 +37,7 @@ def run(a) -> dict:
         if v is not None and v < 1:
             raise ConfigError(f"{flag} {v} must be >= 1")
     common.check_weight_files(a)
-    ds = ImageFiles(a.data, a.resolution, a.num_images)  # a bad folder fails before any weights load
+    ds = ImageFiles(a.data, a.resolution or 16, a.num_images)  # a bad folder fails before any weights load
     rank, world, how = rank_world()
     if world > len(ds):  # a rank without images would leave torchmetrics' list states out of the gather
         raise ConfigError(f"{world} processes ({how}) for {len(ds)} images: launch at most {len(ds)}")
@@ -50,6 +51,14 @@ def run(a) -> dict:
 
 def _evaluate(a, ds, rank: int, world: int, how: str) -> dict:
     tok, src = load_tokenizer_source(a.source, a.weights)
+    if a.resolution is None:
+        a.resolution = tok.resolution
+        print(f"resolution {a.resolution} px: the tokenizer's own (--resolution to evaluate at another)")
+    elif a.resolution != tok.resolution:
+        print(f"note: evaluating at {a.resolution} px, not the tokenizer's training resolution {tok.resolution} px "
+              f"({a.resolution // tok.downsample}x{a.resolution // tok.downsample} tokens)")
+    if ds.res != a.resolution:
+        ds = ImageFiles(a.data, a.resolution, a.num_images)
     if a.resolution % tok.downsample:
         raise ConfigError(f"--resolution {a.resolution} is not divisible by the tokenizer's downsampling "
                           f"{tok.downsample}: use a multiple of {tok.downsample}")
