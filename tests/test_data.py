@@ -82,7 +82,7 @@ def test_online_tokens_equal_a_cached_extraction_of_the_same_crops(tmp_path):
     tok = tokenizer_of(online)
     shards = T.TokenShards(extract_tokens(cached, tok, "tok", OneProcess()), "train", 2)
     assert shards.tokens.shape == (8, 2, 4, 4)
-    assert not torch.equal(shards.tokens[:, 0], shards.tokens[:, 1])  # the two crops give other tokens
+    assert not np.array_equal(shards.tokens[:, 0], shards.tokens[:, 1])  # the two crops give other tokens
     folder = extract_tokens(online, tok, "tok", OneProcess())
     assert not list(folder.glob("train-*")) and list(folder.glob("val-*"))  # online: val tokens only
     ds, to_tokens = train_input(online, tok, folder, "cpu")
@@ -92,7 +92,7 @@ def test_online_tokens_equal_a_cached_extraction_of_the_same_crops(tmp_path):
     for step in range(4):  # 2 epochs of 8 images: crop c of the cache is the crop of epoch c
         x, y = next(batches)
         keys = sampler.global_batch(step)
-        want = torch.stack([shards.tokens[j, e] for e, j in keys]).long()
+        want = torch.from_numpy(np.stack([shards.tokens[j, e] for e, j in keys])).long()
         assert torch.equal(split_indices(to_tokens(x).flatten(1), bits), split_indices(want.flatten(1), bits))
         assert torch.equal(y, torch.stack([shards.labels[j] for _, j in keys]))
 
@@ -107,10 +107,10 @@ def test_cached_crops_and_flips_draw_a_variant_per_epoch(tmp_path):
     img = build_dataset(cfg.data, "train", cfg.seed)
     x0, x1 = img[(0, 5)][0][None], img[(1, 5)][0][None]
     for v, x in enumerate([x0, x0.flip(3), x1, x1.flip(3)]):  # variant = crop * 2 + flip
-        assert torch.equal(ds.tokens[5, v].long(), T.encode(tok, x)[0])
+        assert torch.equal(torch.from_numpy(np.array(ds.tokens[5, v])).long(), T.encode(tok, x)[0])
     draws = [ds.variant(e, 5) for e in range(12)]
     assert len(set(draws)) > 1 and draws == [T.TokenShards(folder, "train", 4, 0).variant(e, 5) for e in range(12)]
-    assert all(torch.equal(ds[(e, 5)][0], ds.tokens[5, d].long()) for e, d in enumerate(draws))
+    assert all(torch.equal(ds[(e, 5)][0], torch.from_numpy(np.array(ds.tokens[5, d])).long()) for e, d in enumerate(draws))
     assert draws != [T.TokenShards(folder, "train", 4, 1).variant(e, 5) for e in range(12)]  # seed matters
 
 
@@ -130,3 +130,22 @@ def test_tokens_and_crops_settings_enter_signatures_and_cache_keys(tmp_path):
         C.tokens_settings(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached"))
     assert C.tokens_settings(cfg_of(tmp_path, "data.crops=fixed", "tokens=cached", "tokens.crops=1",
                                "tokens.flips=false")) == {"name": "cached", "crops": 1, "flips": False}
+
+
+def test_token_cache_is_memory_mapped_and_an_old_cache_is_consolidated_once(tmp_path):
+    """Shards from any ranks in any order become one memory-mapped <split>-tokens.npy (the ranks of a node share its
+    page cache); a cache from before (shards only) is consolidated on first use; a damaged shard is named."""
+    rng = np.random.default_rng(0)
+    n, V = 10, 2
+    tokens, labels = rng.integers(0, 2**18, (n * V, 4, 4), dtype=np.int32), np.repeat(np.arange(n) % 3, V)
+    order = rng.permutation(n * V)  # rank-interleaved shards arrive out of order
+    for k, part in enumerate(np.array_split(order, 3)):
+        np.savez(tmp_path / f"train-r{k % 2}-{k:05d}.npz", index=part, tokens=tokens[part], labels=labels[part])
+    ds = T.TokenShards(tmp_path, "train", V)
+    assert isinstance(ds.tokens, np.memmap) and (tmp_path / "train-tokens.npy").exists()
+    assert np.array_equal(np.asarray(ds.tokens).reshape(n * V, 4, 4), tokens) and torch.equal(
+        ds.labels, torch.from_numpy(labels[::V]))
+    assert torch.equal(ds[3][0], torch.from_numpy(tokens[3 * V]).long())
+    (tmp_path / "val-r0-00000.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match=r"token cache shard .*val-r0-00000.npz is damaged.*delete its folder"):
+        T.TokenShards(tmp_path, "val")

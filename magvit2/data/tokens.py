@@ -77,6 +77,8 @@ def extract(out: Path, images: dict, tokens: dict, tokenizer, tokenizer_id: str,
                       for s, ds in images.items()}
             acc.wait_for_everyone()
             if acc.is_main_process:
+                for s in images:
+                    consolidate(out, s)
                 atomic_write_text(out / "done.json", json.dumps({"tokenizer": tokenizer_id, "counts": counts,
                                                                  "tokens": tokens}))
         acc.wait_for_everyone()
@@ -125,20 +127,22 @@ def _extract_split(ds, split: str, tokens: dict, tokenizer, acc, out: Path, num_
 
 
 class TokenShards(Dataset):
-    """All shards of a split in memory (int32: 1 KB per 16x16 grid, ~13 GB for ImageNet with 5 crops x flip).
+    """The token cache of a split, memory-mapped: one `<split>-tokens.npy` (int32, 1 KB per 16x16 grid, ~13 GB for
+    ImageNet with 5 crops x flip) that the ranks of a node share through the page cache instead of each holding a
+    copy; the labels are read whole.
 
     tokens: (n, V, h, w). Key j -> variant 0 of image j (val); key (epoch, j) -> a variant drawn from (seed, epoch,
     j), so every epoch sees another crop / flip of each image and a resumed run the same one."""
 
     def __init__(self, folder: Path, split: str, n_variants: int = 1, seed: int = 0):
-        files = sorted(Path(folder).glob(f"{split}-r*-*.npz"))
-        if not files:
-            raise FileNotFoundError(f"no {split} token shards in {folder}: the extraction did not finish")
-        parts = [np.load(f) for f in files]
-        order = np.argsort(np.concatenate([p["index"] for p in parts]), kind="stable")
-        tokens = torch.from_numpy(np.concatenate([p["tokens"] for p in parts])[order])
-        self.tokens = tokens.view(-1, n_variants, *tokens.shape[1:])
-        self.labels = torch.from_numpy(np.concatenate([p["labels"] for p in parts])[order][::n_variants])
+        folder = Path(folder)
+        if not (folder / f"{split}-tokens.npy").exists():  # a cache from before the .npy files: made once, locked
+            with FileLock(folder):
+                if not (folder / f"{split}-tokens.npy").exists():
+                    consolidate(folder, split)
+        tokens = np.load(folder / f"{split}-tokens.npy", mmap_mode="r")
+        self.tokens = tokens.reshape(-1, n_variants, *tokens.shape[1:])
+        self.labels = torch.from_numpy(np.load(folder / f"{split}-labels.npy")[::n_variants].copy())
         self.V, self.seed = n_variants, seed
 
     def __len__(self):
@@ -150,4 +154,51 @@ class TokenShards(Dataset):
     def __getitem__(self, key):
         epoch, j = split_key(key)
         v = self.variant(epoch, j) if isinstance(key, (tuple, list)) else 0
-        return self.tokens[j, v].long(), self.labels[j]
+        return torch.from_numpy(np.array(self.tokens[j, v])).long(), self.labels[j]
+
+
+def _shards(out: Path, split: str) -> list[Path]:
+    files = sorted(Path(out).glob(f"{split}-r*-*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no {split} token shards in {out}: the extraction did not finish")
+    return files
+
+
+def _read(f: Path, key: str) -> np.ndarray:
+    try:
+        with np.load(f) as p:
+            return p[key]
+    except Exception as e:  # noqa: BLE001 - a damaged shard: named, with the fix
+        raise ConfigError(f"token cache shard {f} is damaged ({type(e).__name__}: {e}): delete its folder "
+                          f"{f.parent} and the next run extracts the tokens again") from e
+
+
+def _write_npy(path: Path, dtype, shape: tuple, fill) -> None:
+    """An .npy file written through the atomic-write helper (fsync, rename), filled in place through a memmap of
+    its data, so a split larger than memory never needs to be held whole."""
+    def write(f):
+        np.lib.format.write_array_header_2_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": tuple(shape)})
+        offset = f.tell()
+        f.truncate(offset + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        mm = np.memmap(f, dtype=dtype, mode="r+", offset=offset, shape=tuple(shape))
+        fill(mm)
+        mm.flush()
+        del mm
+    atomic_write(path, write, "w+b")
+
+
+def consolidate(out: Path, split: str) -> None:
+    """The split's shards (every rank's, in any order) into `<split>-tokens.npy` / `<split>-labels.npy`, rows in
+    index order (image j's variants at rows j*V .. j*V+V-1), one shard in memory at a time."""
+    files = _shards(out, split)
+    index = [_read(f, "index") for f in files]
+    n, grid = sum(len(i) for i in index), _read(files[0], "tokens").shape[1:]
+
+    def fill(key):
+        def go(mm):
+            for f, i in zip(files, index):
+                mm[i] = _read(f, key)
+        return go
+    _write_npy(out / f"{split}-tokens.npy", np.int32, (n, *grid), fill("tokens"))
+    _write_npy(out / f"{split}-labels.npy", np.int64, (n,), fill("labels"))
