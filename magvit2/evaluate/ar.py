@@ -173,8 +173,7 @@ def evaluate(a, src, out: Path, plan, settings: dict, device) -> dict:
     metrics = {"eval/fid": r["fid"], "eval/is": r["is"], "eval/is_std": r["is_std"],
                "eval/n_samples": float(n), "eval/n_real": r["n_real"] if n_real is None else n_real}
     if adm_stats is not None:  # the same samples against ADM's TensorFlow statistics: the mixed pipeline, labelled
-        metrics["eval/fid_adm_stats"] = M.Missing("the reference batch holds no mu/sigma") if adm_stats is False \
-            else fid_against_stats(gm, *adm_stats)
+        metrics["eval/fid_adm_stats"] = fid_against_stats(gm, *adm_stats)
     if a.precision_recall:
         metrics.update({"eval/precision": r.get("precision", inception), "eval/recall": r.get("recall", inception)})
     grid = _grid(np.concatenate(head), settings, out / "samples.png")
@@ -203,11 +202,11 @@ def add_reference(gm, a, size: int, bs: int):
     Inception (one implementation per number; streamed from the zip), its mu / sigma (ADM's TensorFlow evaluator's)
     kept for the second, labelled FID; a batch with mu / sigma only: those. An image folder: its images, resized +
     center-cropped to the samples' size. -> (the number of reference images when it is not what gm counted, else
-    None; ADM's (mu, sigma) for the second FID, False for a batch without them, None without a batch)."""
+    None; the batch's (mu, sigma) for the second FID, or None)."""
     if a.ref_batch is not None:
         with np.load(a.ref_batch) as z:
             stats, images = "mu" in z.files and "sigma" in z.files, "arr_0" in z.files
-            adm = (z["mu"], z["sigma"]) if stats else False
+            adm = (z["mu"], z["sigma"]) if stats else None
         if not stats and not images:
             raise ConfigError(f"--ref-batch {a.ref_batch}: neither mu/sigma nor arr_0 images in it")
         if not images:  # statistics only: the mixed pipeline is all there is
