@@ -231,10 +231,13 @@ def add_reference(gm, a, size: int, bs: int):
     return None, None
 
 
-def fid_against_stats(gm, mu: np.ndarray, sigma: np.ndarray) -> float:
+def fid_against_stats(gm, mu: np.ndarray, sigma: np.ndarray):
     """FID of gm's samples (their mean and covariance, from torchmetrics' running sums) against precomputed
-    reference statistics: |mu_f - mu|^2 + tr(S_f) + tr(S) - 2 tr((S_f S)^1/2), in float64."""
+    reference statistics: |mu_f - mu|^2 + tr(S_f) + tr(S) - 2 tr((S_f S)^1/2), in float64; Missing below 2
+    samples (no covariance)."""
     f = gm.fid
+    if int(f.fake_features_num_samples) < 2:
+        return M.Missing(f"FID needs >= 2 samples, got {int(f.fake_features_num_samples)}")
     n = f.fake_features_num_samples.double()
     mu_f = f.fake_features_sum.double() / n
     cov_f = (f.fake_features_cov_sum.double() - n * torch.outer(mu_f, mu_f)) / (n - 1)

@@ -141,7 +141,18 @@ def load_lpips(vgg_weights: str | os.PathLike | None, net: str = "vgg", *, url: 
     return model.eval()
 
 
-class PytorchFidInception(nn.Module):
+class FrozenNet(nn.Module):
+    """A metric's network: no gradients, always in eval mode (BatchNorm statistics are part of the FID definition)."""
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenNet":
+        return super().train(False)
+
+
+class PytorchFidInception(FrozenNet):
     """pytorch-fid's FID InceptionV3, the network of the original's rFID: float [0,1] (B,3,H,W) -> (B, 2048) pool
     features. pytorch-fid's own forward resizes to 299 (F.interpolate, bilinear, align_corners=False) and maps to
     [-1, 1] (2x - 1)."""
@@ -159,11 +170,7 @@ class PytorchFidInception(nn.Module):
         with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state):
             self.net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[self.pool_dim]], resize_input=True,
                                        normalize_input=True, use_fid_inception=True)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "PytorchFidInception":
-        return super().train(False)  # BatchNorm statistics are part of the FID definition
+        self.freeze()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +179,7 @@ class PytorchFidInception(nn.Module):
         return self.net(x)[0].flatten(1)
 
 
-class InceptionFeatures(nn.Module):
+class InceptionFeatures(FrozenNet):
     """torch-fidelity's FID InceptionV3; uint8 (B,3,H,W) -> (B, 2048 + 1008): pool features, then unbiased logits.
 
     One pass feeds both FID (pool) and IS (logits, as torch-fidelity/torchmetrics use for IS). Inputs are resized
@@ -189,11 +196,7 @@ class InceptionFeatures(nn.Module):
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights_path)
         )
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "InceptionFeatures":
-        return super().train(False)  # BatchNorm statistics are part of the FID definition
+        self.freeze()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
