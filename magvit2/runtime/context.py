@@ -112,6 +112,11 @@ class RunContext:
                            f"{self.t.get('max_nonfinite_steps', 0)}); lower trainer.{self.stage}.lr or raise the "
                            f"tolerance; its last good checkpoint is kept in {self.run_dir}")
 
+    def logs_at(self, step: int) -> bool:
+        """Whether end_step(step) logs metrics (every tracking.log_every steps, and the last): a loop computes
+        log-only quantities (the AR's sub-token accuracy) on those steps alone."""
+        return step % self.cfg.tracking.log_every == 0 or step == self.t.steps
+
     def end_step(self, step: int, bar, metrics, evaluate, payload, postfix: dict, losses=()) -> dict | None:
         """What follows optimizer step `step` (1-based) in both loops: every tracking.log_every steps (and the last)
         metrics() -> MLflow, status.json and the bar (postfix: {label: metric key}); every eval_every steps
@@ -122,7 +127,7 @@ class RunContext:
         if losses:
             bad = torch.stack([~torch.isfinite(x.detach().float()).all() for x in losses]).any().to(torch.int64)
             self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
-        log_step = step % self.cfg.tracking.log_every == 0 or step == t.steps
+        log_step = self.logs_at(step)
         if log_step or step % t.ckpt_every == 0:
             self.check_finite(step)
         if log_step:

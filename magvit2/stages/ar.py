@@ -136,7 +136,7 @@ def _train(cfg, ctx: RunContext, tokenizer, tok_id: str, tok_info: dict) -> dict
             with acc.accumulate(model):
                 with acc.autocast():
                     logits = model(sub, y.to(acc.device))
-                    loss, stats = subtoken_loss(logits, sub)
+                    loss, stats = subtoken_loss(logits, sub, accuracy=ctx.logs_at(step + 1))
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), t.grad_clip)
