@@ -145,8 +145,10 @@ def test_run_dirs_from_before_the_schema_keep_their_signature_and_are_found_fini
 def test_the_migration_fills_old_values_and_keeps_todays(tmp_path):
     old = OmegaConf.create({"seed": 3, "tokenizer": {"name": "t", "checkpoint": "/x.pt"},
                             "quantizer": {"_target_": "magvit2.quantizers.VQ", "distance": "euclidean"},
-                            "model": {"name": "m"}, "data": {"name": "imagefolder", "path": "/d"}})
+                            "model": {"name": "m"}, "data": {"name": "imagefolder", "path": "/d"},
+                            "metrics": {"download": True}})
     m = C.migrate(old)
+    assert m.metrics.protocol == "precise"  # what its in-loop evaluation computed
     assert (m.model.class_rope, m.model.intra_embed_dropout, m.tokenizer.adagn_variance,
             m.tokenizer.adagn_scale_init, m.data.resize, m.data.crops) == ("identity", True, "population", "one",
                                                                           "bicubic", "per_epoch")

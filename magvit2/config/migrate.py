@@ -24,6 +24,7 @@ OLD = {
     "sampling.compile": False,
     "trainer.ar.activation_checkpointing": False,
     "metrics.precision_recall": False,
+    "metrics.protocol": "precise",  # the in-loop evaluation's arithmetic before metrics.protocol (metrics/protocol.py)
 }
 OLD_IMAGEFOLDER = {  # data=imagefolder only
     "data.resize": "bicubic",
