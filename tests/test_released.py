@@ -280,3 +280,19 @@ def test_a_nan_tokenizer_never_yields_tokens(tmp_path):
     from magvit2 import checkpoint
     with pytest.raises(ConfigError, match=r"tokens.tokenizer=run: .*tensor 'encoder.conv_in.weight' has \d+ non-finite"):
         checkpoint.check_finite(m.state_dict(), "tokens.tokenizer=run: checkpoint.pt")
+
+
+def test_ar_head_count_comes_from_the_paper_table_or_is_said_to_be_assumed(caplog):
+    from magvit2.models.ar import PRESETS
+    from magvit2.released import ar as A
+    for size, p in PRESETS.items():  # shapes only: the paper's sizes on the meta device
+        with torch.device("meta"):
+            m = FactorizedAR(ARConfig(bits=(6, 12), num_classes=1000, **p))
+        got = A.infer_config(A.to_reference(m.state_dict()))
+        assert (got.n_heads, A.size_name(got)) == (p["n_heads"], size)
+    with torch.device("meta"):
+        m = FactorizedAR(ARConfig(bits=(6, 12), dim=128, n_inter=2, n_intra=1, n_heads=4, num_classes=4, grid=4))
+    with caplog.at_level("WARNING"):
+        assert A.infer_config(A.to_reference(m.state_dict()), n_heads=4).n_heads == 4 and not caplog.records
+        assert A.infer_config(A.to_reference(m.state_dict())).n_heads == 2  # 64-wide heads: assumed, and said
+    assert "head count is not stored in it; assuming 2" in caplog.text

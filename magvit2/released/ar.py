@@ -4,6 +4,7 @@ its frozen tokenizer) <-> magvit2's FactorizedAR. The blocks share their names (
 post_emb / head.1 for the rest."""
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -15,6 +16,7 @@ RENAMES = [(r"^class_emb\.weight$", "class_emb.embedding_table.weight"),
            (r"^tok_emb\.0\.", "pre_emb."), (r"^tok_emb\.1\.", "post_emb."),
            (r"^inter\.", "spatial_blocks."), (r"^intra\.", "factorized_blocks."), (r"^heads\.", "head.")]
 KV_CACHE = re.compile(r"\.kv_cache\.[kv]_cache$")  # inference caches, present if a file was saved after sampling
+log = logging.getLogger(__name__)
 HEAD_DIM = 64  # B, L and XL all use 64-wide heads (1024/16, 1280/20, 1536/24); n_heads is not in the weights
 
 
@@ -34,13 +36,24 @@ def reference_name(name: str) -> str:
 
 
 def infer_config(sd: dict, grid: int = 16, n_heads: int | None = None) -> ARConfig:
-    """The ARConfig of a file in the original's layout, from its shapes (grid and n_heads are not in them)."""
+    """The ARConfig of a file in the original's layout, from its shapes. The head count is not in them: a paper size
+    (B / L / XL, recognised by width and depths) takes it from the paper's table; another size takes `n_heads`,
+    else 64-wide heads, said in the log as the assumption it is (grid likewise: 16 unless given)."""
     dim = sd[PREFIX + "pre_emb.weight"].shape[1]
     bits = tuple(int(math.log2(sd[PREFIX + f"{p}_emb.weight"].shape[0])) for p in ("pre", "post"))
     count = lambda part: len({m.group(1) for k in sd if (m := re.match(rf"^{PREFIX}{part}\.(\d+)\.", k))})  # noqa: E731
-    return ARConfig(bits=bits, dim=dim, n_inter=count("spatial_blocks"), n_intra=count("factorized_blocks"),
-                    n_heads=n_heads or (dim // HEAD_DIM if dim % HEAD_DIM == 0 else 1), num_classes=sd[PREFIX + "class_emb.embedding_table.weight"].shape[0] - 1,
-                    grid=grid, class_rope="zero")
+    n_inter, n_intra = count("spatial_blocks"), count("factorized_blocks")
+    size = next((name for name, p in PRESETS.items() if (dim, n_inter, n_intra) == (p["dim"], p["n_inter"], p["n_intra"])),
+                None)
+    if n_heads is None and size is not None:
+        n_heads = PRESETS[size]["n_heads"]
+    elif n_heads is None:
+        n_heads = dim // HEAD_DIM if dim % HEAD_DIM == 0 else 1
+        log.warning("AR file of no paper size (dim %d, %d + %d blocks): the head count is not stored in it; assuming "
+                    "%d (%d-wide heads)", dim, n_inter, n_intra, n_heads, dim // n_heads)
+    return ARConfig(bits=bits, dim=dim, n_inter=n_inter, n_intra=n_intra, n_heads=n_heads,
+                    num_classes=sd[PREFIX + "class_emb.embedding_table.weight"].shape[0] - 1, grid=grid,
+                    class_rope="zero")
 
 
 def size_name(cfg: ARConfig) -> str | None:
