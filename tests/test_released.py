@@ -296,3 +296,11 @@ def test_ar_head_count_comes_from_the_paper_table_or_is_said_to_be_assumed(caplo
         assert A.infer_config(A.to_reference(m.state_dict()), n_heads=4).n_heads == 4 and not caplog.records
         assert A.infer_config(A.to_reference(m.state_dict())).n_heads == 2  # 64-wide heads: assumed, and said
     assert "head count is not stored in it; assuming 2" in caplog.text
+
+
+def test_a_tensor_under_the_lpips_prefix_that_no_lpips_has_is_named(tmp_path):
+    sd, _ = reference_file(tmp_path / "t.ckpt")
+    files.write(tmp_path / "x.ckpt", {**sd, "loss.perceptual_loss.extra_head.weight": torch.zeros(2)})
+    with pytest.raises(ConfigError, match=r"no place for.*loss.perceptual_loss.extra_head.weight"):
+        released.into_tokenizer(tmp_path / "x.ckpt", tokenizer(), "tokens.tokenizer=x")
+    released.into_tokenizer(tmp_path / "t.ckpt", tokenizer(), "tokens.tokenizer=x")  # the LPIPS copy itself: set aside

@@ -25,6 +25,7 @@ DEC_PARTS = {"norm.scale": "adaptive.{i}.gamma", "norm.shift": "adaptive.{i}.bet
              "up.conv": "up.{i}.upsample.conv1"}
 EMA_PREFIX = "model_ema."
 DISC_PREFIX = "loss.discriminator."
+LPIPS_KEY = re.compile(r"(net\.slice[1-5]\.\d+\.(weight|bias)|lins?\.?\d\.model\.1\.weight|scaling_layer\.(shift|scale))$")
 LPIPS_PREFIX = "loss.perceptual_loss."  # the original's LPIPS copy: magvit2 reads LPIPS from metrics.vgg16_weights
 
 
@@ -137,6 +138,8 @@ def take_tokenizer(c, model, prefix: str = "", disc=None) -> dict:
             loaded_disc = True
     else:
         c.ignore(disc_keys, "the discriminator (not needed to encode or decode)")
-    c.ignore([k for k in c.sd if k.startswith(prefix + LPIPS_PREFIX)],
+    # only what an lpips.LPIPS network holds is set aside as it; any other tensor there is reported by name
+    c.ignore([k for k in c.sd if k.startswith(prefix + LPIPS_PREFIX)
+              and LPIPS_KEY.match(k[len(prefix + LPIPS_PREFIX):])],
              "the loss's LPIPS network (magvit2 reads LPIPS from metrics.vgg16_weights)")
     return {"raw": raw, "ema": ema, "ema_decay": decay, "disc": loaded_disc}
