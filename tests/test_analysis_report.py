@@ -181,7 +181,7 @@ def test_members_of_one_model_size_sit_together_in_the_scaling_plot():
     assert [round(x) for x in xs["k6_12"]] == [1]
 
 
-AR_HEADER = ["factorization", "model", "status", "steps (schedule)", "seed", "FID (in-loop)", "IS", "N samples", "N val img",
+AR_HEADER = ["factorization", "model", "status", "protocol", "steps (schedule)", "seed", "FID (in-loop)", "IS", "N samples", "N val img",
              "val loss (nats)", "N val loss img", "val loss 1 (nats)", "val loss 2 (nats)", "params (incl. head)"]
 
 
@@ -192,9 +192,9 @@ def test_ar_table_markdown(store):
     md = to_markdown(t)
     # status, steps, seed; the best of each metric in bold (lowest FID and loss, highest IS); no N or count is, nor
     # a per-sub-token loss across factorizations (k6_12's sub-token 1 has 6 bits, k9_9's 9)
-    assert "| k9_9 | B | finished | 40 | 7 | — (1) | 70.12 | 50,000 | — | 7 | 64 | 3.5 | 3.5 | 343,600,000 |" in md
-    assert "| k6_12 | B | finished | 40 | 7 | **12.25** | **80.5** | 50,000 | 50,000 | **6.25** | 64 | 2 | 4.25 |" in md
-    assert "| k6_12 | tiny | finished | 40 | 7 | 41.5 | 20.25 | 8 | 20 | 7.5 |" in md
+    assert "| k9_9 | B | finished | precise | 40 | 7 | — (1) | 70.12 | 50,000 | — | 7 | 64 | 3.5 | 3.5 | 343,600,000 |" in md
+    assert "| k6_12 | B | finished | precise | 40 | 7 | **12.25** | **80.5** | 50,000 | 50,000 | **6.25** | 64 | 2 | 4.25 |" in md
+    assert "| k6_12 | tiny | finished | precise | 40 | 7 | 41.5 | 20.25 | 8 | 20 | 7.5 |" in md
     assert f"Missing values:\n\n1. FID (in-loop) of k9_9/B: {MISSING_REASON}" in md and "[^" not in md
 
 
@@ -203,13 +203,13 @@ def test_tokenizer_table_and_utilization(store, tmp_path):
     assert df["stage"].tolist() == ["tokenizer"] * 2 and df["experiment"].tolist() == ["magvit2-tokenizer"] * 2
     t = tokenizer_table(df)
     assert list(t.index) == [("tiny", "lfq"), ("tiny", "vq")] and list(t.index.names) == ["tokenizer", "quantizer"]
-    assert list(t.columns) == ["status", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)",
+    assert list(t.columns) == ["status", "protocol", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM", "SSIM (Gaussian 11x11)",
                                "LPIPS", "N img", "utilization (%)", "perplexity", "N tokens", "missing"]
     assert t["rFID"].isna().all() and t.loc[("tiny", "vq"), "missing"] == "rFID: no Inception weights (vq)"
     assert t.loc[("tiny", "vq"), "utilization (%)"] == 12.5 and t.loc[("tiny", "lfq"), "PSNR (dB)"] == 21.5
     md = to_markdown(t)  # utilization in percent, as the training summary prints it; SSIM: skimage's
-    assert "| tiny | vq | finished | 200 | 3 | — (2) | 19.25 | 0.5625 | 0.5 | 0.25 | 64 | 12.5 | 900.5 | 16,384 |" in md
-    assert ("| tiny | lfq | finished | 200 | 3 | — (1) | **21.5** | **0.75** | **0.625** | **0.125** | 64 | **100** | "
+    assert "| tiny | vq | finished | precise | 200 | 3 | — (2) | 19.25 | 0.5625 | 0.5 | 0.25 | 64 | 12.5 | 900.5 | 16,384 |" in md
+    assert ("| tiny | lfq | finished | precise | 200 | 3 | — (1) | **21.5** | **0.75** | **0.625** | **0.125** | 64 | **100** | "
             "250,000 | 16,384 |") in md  # LPIPS: lower is better
     h = load_history(df["run_id"], "eval/utilization", tracking_uri=store["uri"])
     fig = plot_utilization(h, tmp_path / "u.png")
@@ -246,7 +246,7 @@ def test_report_cli(store, tmp_path):
     for (fac, model), f in FINAL.items():
         fid = f"{f['eval/fid']:g}" if "eval/fid" in f else "— (1)"
         n_real = f"{f['eval/n_real']:,.0f}" if "eval/n_real" in f else "—"
-        expect.append([fac, model, "finished", "40", "7", fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}",
+        expect.append([fac, model, "finished", "precise", "40", "7", fid, f"{f['eval/is']:.4g}", f"{f['eval/n_samples']:,.0f}",
                        n_real, f"{f['val/loss']:g}", f"{f['val/n_images']:,.0f}", f"{f['val/loss_1']:g}",
                        f"{f['val/loss_2']:g}", f"{PARAMS[model]:,}"])
     assert [[c.strip("*") for c in r] for r in rows] == expect
@@ -273,9 +273,9 @@ def test_report_cli_tokenizer_experiment(store, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "report.md").read_text()
     header, rows = _table_rows(md, "| tokenizer | quantizer |")
-    assert header == ["tokenizer", "quantizer", "status", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM",
+    assert header == ["tokenizer", "quantizer", "status", "protocol", "steps (schedule)", "seed", "rFID", "PSNR (dB)", "SSIM",
                       "SSIM (Gaussian 11x11)", "LPIPS", "N img", "utilization (%)", "perplexity", "N tokens"]
-    assert [r[:2] + r[5:6] for r in rows] == [["tiny", "lfq", "— (1)"], ["tiny", "vq", "— (2)"]]
+    assert [r[:2] + r[6:7] for r in rows] == [["tiny", "lfq", "— (1)"], ["tiny", "vq", "— (2)"]]
     assert "2. rFID of tiny/vq: no Inception weights (vq)" in md and "Autoregressive" not in md
     assert (out / "utilization.png").stat().st_size > 5000 and "(utilization.png)" in md
     # no run logged rFID: a line in the text says so (with the runs' reasons), not an empty plot

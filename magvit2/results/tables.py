@@ -44,7 +44,10 @@ def _table(df: pd.DataFrame, stage: str, keys: list[str], rows: list[registry.Me
             levels.append(extra)
     levels = levels or ["run_name"]
     steps = f"trainer.{stage}.steps"  # every run logs the whole config: both stages' schedules
+    # how the images became numbers (metrics/protocol.py); runs from before the setting computed `precise`
+    proto = df.get("metrics.protocol", df.get("protocol", pd.Series(np.nan, index=df.index)))
     out = pd.DataFrame({"status": df["status"].str.lower() if "status" in df else MISSING,
+                        "protocol": proto.fillna("precise") if stage == "tokenizer" or "eval/fid" in df else MISSING,
                         "steps (schedule)": pd.to_numeric(df[steps], errors="coerce") if steps in df else np.nan,
                         "seed": pd.to_numeric(df["seed"], errors="coerce") if "seed" in df else np.nan,
                         **{name: (pd.to_numeric(df[r.key], errors="coerce") * r.scale if r.key in df else np.nan)
